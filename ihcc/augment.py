@@ -102,9 +102,9 @@ def augment(
 
     batch, height, width, _ = images.shape
     image_keys = jax.random.split(rng, batch)
-    crop_keys, flip_keys, jitter_keys, grayscale_keys = jnp.moveaxis(
-        jax.vmap(lambda key: jax.random.split(key, 4))(image_keys), 1, 0
-    )
+    stage_keys = jax.vmap(lambda key: jax.random.split(key, 4))(image_keys)
+    crop_keys, flip_keys = stage_keys[:, 0], stage_keys[:, 1]
+    jitter_keys, grayscale_keys = stage_keys[:, 2], stage_keys[:, 3]
 
     boxes = jax.vmap(
         lambda key: _sample_crop_box(key, height, width, (low, high), _ASPECT_RATIO_RANGE)
@@ -116,14 +116,10 @@ def augment(
         params = jax.vmap(lambda key: _sample_jitter_params(key, jitter_strength, jitter_prob))(
             jitter_keys
         )
-        # The barriers keep XLA from fusing the resampling into every jitter slot, which
-        # would recompute it several times per pixel.
-        x = jax.lax.optimization_barrier(x)
         x = _color_jitter(x, params)
 
     if grayscale_prob > 0.0:
         to_gray = jax.vmap(lambda key: jax.random.bernoulli(key, grayscale_prob))(grayscale_keys)
-        x = jax.lax.optimization_barrier(x)
         x = jnp.where(to_gray[:, None, None, None], _grayscale(x)[..., None], x)
 
     return jnp.clip(x, 0.0, 1.0)
@@ -308,8 +304,11 @@ def _resized_crop(images: jax.Array, boxes: CropBoxes, flips: jax.Array, out_siz
     if images.dtype == jnp.uint8:
         rows = rows / 255.0
     pixels = images.astype(jnp.float32)
-    resized = jnp.einsum("boh,bhwc->bowc", rows, pixels)
-    return jnp.einsum("bpw,bowc->bopc", cols, resized)
+    # HIGHEST keeps the products in float32 on GPUs, whose default for float32 matrix
+    # products may round the inputs to TF32 (about 3 significant digits).
+    highest = jax.lax.Precision.HIGHEST
+    resized = jnp.einsum("boh,bhwc->bowc", rows, pixels, precision=highest)
+    return jnp.einsum("bpw,bowc->bopc", cols, resized, precision=highest)
 
 
 # ----------------------------------------------------------------------------------------
@@ -364,7 +363,7 @@ def _color_jitter(x: jax.Array, params: JitterParams) -> jax.Array:
     factors_by_op = jnp.stack([params.brightness, params.contrast, params.saturation], axis=1)
     blend_factors = jnp.take_along_axis(factors_by_op, blend_ops, axis=1)
     slots = jnp.arange(3)
-    before_hue = slots[None, :] < hue_position[:, None]
+    before_hue = slots[None, :] <= hue_position[:, None]
     factors_before = jnp.where(before_hue, blend_factors, 1.0)
     factors_after = jnp.where(before_hue, 1.0, blend_factors)
 
@@ -409,16 +408,13 @@ def _adjust_hue(x: jax.Array, shift: jax.Array) -> jax.Array:
     max_c = jnp.maximum(jnp.maximum(red, green), blue)
     min_c = jnp.minimum(jnp.minimum(red, green), blue)
     chroma = max_c - min_c
-    divisor = jnp.where(chroma > 0.0, chroma, 1.0)
-    red_c = (max_c - red) / divisor
-    green_c = (max_c - green) / divisor
-    blue_c = (max_c - blue) / divisor
-    # Hue in sixths of a turn, in [-1, 5], with torchvision's tie-breaking (red, then green).
-    hue6 = jnp.where(
-        max_c == red,
-        blue_c - green_c,
-        jnp.where(max_c == green, 2.0 + red_c - blue_c, 4.0 + green_c - red_c),
-    )
+    # Hue in sixths of a turn, in [-1, 5], with torchvision's tie-breaking (red, then
+    # green). One division for all three cases keeps this a single fused loop.
+    red_is_max = max_c == red
+    green_is_max = max_c == green
+    numerator = jnp.where(red_is_max, green - blue, jnp.where(green_is_max, blue - red, red - green))
+    base = jnp.where(red_is_max, 0.0, jnp.where(green_is_max, 2.0, 4.0))
+    hue6 = base + numerator / jnp.where(chroma > 0.0, chroma, 1.0)
     hue6 = hue6 + 6.0 * shift[:, None, None]
     hue6 = _wrap_sixths(hue6)
 

@@ -92,8 +92,8 @@ def build_cache(inventory: Inventory, cache_dir: str, image_size: int) -> Cached
 
     Files whose path, size and mtime match the index are not read again. A file with a new
     size or mtime is hashed, and decoded only if no cached image has the same bytes. Records
-    that fail to decode become Skipped entries and are logged. Entries of files that are no
-    longer in the inventory are dropped, and parts that no entry uses are deleted.
+    that fail to decode become Skipped entries and are logged. Entries of deleted or changed
+    files are dropped, and parts that no entry uses are deleted.
     """
     if image_size < 1:
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size}.")
@@ -113,7 +113,10 @@ def build_cache(inventory: Inventory, cache_dir: str, image_size: int) -> Cached
         if pending:
             _decode_pending(pending, entries, index, store, image_size, sources)
 
-        # Files no longer in the inventory drop out here; parts that nothing uses go afterwards.
+        # Entries of files outside this inventory stay while the file is unchanged on disk, so
+        # that runs on a subset and on the full data share one cache. Deleted files drop out,
+        # and parts that no entry uses are deleted after the index no longer lists them.
+        entries = {**_unchanged_other_entries(index["entries"], entries), **entries}
         index["entries"] = entries
         used_parts = {entry["part"] for entry in entries.values() if "part" in entry}
         index["parts"] = {part: rows for part, rows in index["parts"].items() if part in used_parts}
@@ -168,6 +171,21 @@ def _plan_updates(records: list[Record], index: dict) -> tuple[dict, list[dict],
         else:
             pending_by_hash[key["sha256"]] = {"path": record.path, **key, "aliases": []}
     return entries, list(pending_by_hash.values()), skipped
+
+
+def _unchanged_other_entries(old_entries: dict, current: dict) -> dict:
+    """Return the old entries for paths outside `current` whose file still has the same size and mtime."""
+    kept = {}
+    for path, entry in old_entries.items():
+        if path in current:
+            continue
+        try:
+            status = os.stat(path)
+        except OSError:
+            continue
+        if status.st_size == entry["size"] and status.st_mtime_ns == entry["mtime_ns"]:
+            kept[path] = entry
+    return kept
 
 
 # ----------------------------------------------------------------------------- decoding and writing
@@ -301,6 +319,9 @@ def _open_parts(store: str, index: dict) -> dict[str, Sequence[dict]]:
         try:
             source = _open_part(part_dir)
             found = len(source)
+            # Opening reads only the metadata; reading the first and last rows checks the shard.
+            if found:
+                source.__getitems__([0, found - 1])
         except Exception as error:  # Any failure to open means the part cannot be trusted.
             found, reason = -1, f"{type(error).__name__}: {error}"
         else:

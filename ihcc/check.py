@@ -5,7 +5,9 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import os
 import statistics
+import time
 
 from absl import logging
 
@@ -17,6 +19,7 @@ EXIT_NO_USABLE_IMAGE = 1
 EXIT_INPUT_ERROR = 2
 
 _DECODE_WORKERS = 2
+_PROGRESS_LOG_SECONDS = 10.0
 
 
 @dataclasses.dataclass
@@ -63,12 +66,13 @@ class DataReport:
             lines += ["Input error, nothing was checked:", f"  {self.input_error}", "", "Result: FAILED (malformed input)."]
             return "\n".join(lines)
 
+        relative = self._relative_path
         counts = sorted(self.images_per_participant.values())
         lines.append(f"Participants:    {len(self.participants)}")
         lines.append(f"Usable images:   {self.usable_images}")
         lines.append(f"Skipped files:   {len(self.skipped)}")
         if counts:
-            lines.append(f"Images per participant: min {counts[0]}, median {statistics.median(counts):g}, max {counts[-1]}")
+            lines.append(f"Images per participant: {_min_median_max(counts)}")
         if self.environments or self.environment_types:
             lines.append(f"Labelled environments: {self.environments}, environment types: {self.environment_types}")
         if self.widths:
@@ -84,10 +88,10 @@ class DataReport:
 
         if self.duplicate_groups:
             lines += ["", f"Identical files (same bytes, all kept): {len(self.duplicate_groups)} groups"]
-            lines += ["  " + ", ".join(display_path(path) for path in group) for group in self.duplicate_groups]
+            lines += ["  " + ", ".join(relative(path) for path in group) for group in self.duplicate_groups]
         if self.skipped:
             lines += ["", f"Skipped files ({len(self.skipped)}):"]
-            lines += [f"  {display_path(entry.path)}: {entry.reason}" for entry in self.skipped]
+            lines += [f"  {relative(entry.path)}: {entry.reason}" for entry in self.skipped]
         if self.warnings:
             lines += ["", f"Warnings ({len(self.warnings)}):"]
             lines += [f"  {warning}" for warning in self.warnings]
@@ -100,9 +104,19 @@ class DataReport:
         return "\n".join(lines)
 
 
+    def _relative_path(self, path: str) -> str:
+        """Return `path` relative to the image folder (or the manifest's folder) when it lies inside it."""
+        base = os.path.abspath(self.root or os.path.dirname(os.path.abspath(self.manifest)))
+        if os.path.commonpath([base, path]) == base:
+            return display_path(os.path.relpath(path, base))
+        return display_path(path)
+
+
 def _min_median_max(values: list[int]) -> str:
     ordered = sorted(values)
-    return f"min {ordered[0]}, median {statistics.median(ordered):g}, max {ordered[-1]}"
+    median = statistics.median(ordered)
+    median_text = str(int(median)) if median == int(median) else f"{median:.1f}"
+    return f"min {ordered[0]}, median {median_text}, max {ordered[-1]}"
 
 
 def check_inputs(root: str, manifest: str, image_size: int) -> DataReport:
@@ -127,7 +141,12 @@ def check_inputs(root: str, manifest: str, image_size: int) -> DataReport:
     paths = [record.path for record in inventory.records]
     with concurrent.futures.ThreadPoolExecutor(max_workers=_DECODE_WORKERS) as executor:
         results = executor.map(_read_or_error, paths, [image_size] * len(paths))
-        for record, result in zip(inventory.records, results):
+        started = last_log = time.monotonic()
+        for done, (record, result) in enumerate(zip(inventory.records, results), start=1):
+            now = time.monotonic()
+            if now - last_log >= _PROGRESS_LOG_SECONDS:
+                logging.info("Checked %d/%d images (%.1f images/s).", done, len(paths), done / (now - started))
+                last_log = now
             if isinstance(result, decode.ImageReadError):
                 logging.warning("Skipping %s: %s", display_path(record.path), result)
                 report.skipped.append(Skipped(record.path, str(result)))

@@ -2,7 +2,7 @@
 
 Every step that makes photos from phones and cameras differ is handled here: EXIF orientation,
 HEIC/HEIF files, palette, grey, 16-bit and CMYK modes, transparency and very large JPEGs.
-A file that cannot be used raises ImageReadError with a reason that says what to do.
+A file that cannot be used raises ImageReadError, whose message gives the reason and the fix.
 """
 
 from __future__ import annotations
@@ -55,54 +55,54 @@ def read_image(path: str, size: int) -> DecodedImage:
     """Decode a photo as decode_image does and also return what was found in the file."""
     if size < 1:
         raise ValueError(f"Image size must be a positive number of pixels, got {size}.")
-    shown = display_path(path)
+    printable_path = display_path(path)
     try:
         file_size = os.path.getsize(path)
     except FileNotFoundError as error:
-        raise ImageReadError(f"File not found: {shown}. It was moved or deleted; run again to rescan the input.") from error
+        raise ImageReadError(f"File not found: {printable_path}. It was moved or deleted; run again to rescan the input.") from error
     except OSError as error:
-        raise ImageReadError(f"Cannot read {shown} ({error.strerror}). Check the file and its permissions.") from error
+        raise ImageReadError(f"Cannot read {printable_path} ({error.strerror}). Check the file and its permissions.") from error
     if file_size == 0:
-        raise ImageReadError(f"{shown} is empty (0 bytes), usually the result of an interrupted copy. Copy it again from the source or remove it.")
+        raise ImageReadError(f"{printable_path} is empty (0 bytes), usually the result of an interrupted copy. Copy it again from the source or remove it.")
 
     try:
         with Image.open(path) as image:
-            return _decode_opened(image, shown, size)
+            return _decode_opened(image, printable_path, size)
     except ImageReadError:
         raise
     except Image.DecompressionBombError as error:
-        raise ImageReadError(f"{shown} is too large to decode safely ({error}). Downscale it below {MAX_IMAGE_PIXELS:,} pixels or remove it.") from error
+        raise ImageReadError(f"{printable_path} is too large to decode safely ({error}). Downscale it below {MAX_IMAGE_PIXELS:,} pixels or remove it.") from error
     except UnidentifiedImageError as error:
         raise ImageReadError(
-            f"{shown} is not a readable JPEG, PNG, HEIC/HEIF or WebP image although its name says so. "
+            f"{printable_path} is not a readable JPEG, PNG, HEIC/HEIF or WebP image, although its extension names one of these formats. "
             f"Check that it was copied completely and is really a photo, or remove it."
         ) from error
     except PermissionError as error:
-        raise ImageReadError(f"Permission denied when reading {shown}. Make the file readable (chmod a+r) or remove it.") from error
+        raise ImageReadError(f"Permission denied when reading {printable_path}. Make the file readable (chmod a+r) or remove it.") from error
     except _DECODE_ERRORS as error:
         raise ImageReadError(
-            f"{shown} cannot be decoded ({type(error).__name__}: {error}); the file is truncated or damaged. "
+            f"{printable_path} cannot be decoded ({type(error).__name__}: {error}); the file is truncated or damaged. "
             f"Copy it again from the source or remove it."
         ) from error
 
 
-def _decode_opened(image: Image.Image, shown: str, size: int) -> DecodedImage:
+def _decode_opened(image: Image.Image, printable_path: str, size: int) -> DecodedImage:
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
         raise ImageReadError(
-            f"{shown} has {width} x {height} = {width * height:,} pixels, more than the limit of {MAX_IMAGE_PIXELS:,}. "
+            f"{printable_path} has {width} x {height} = {width * height:,} pixels, more than the limit of {MAX_IMAGE_PIXELS:,}. "
             f"Downscale it or remove it."
         )
     file_format = image.format or "unknown"
     # pillow_heif applies the HEIF transforms while decoding, sets the EXIF tag to 1 and keeps
     # the original value in info["original_orientation"], so HEIF images arrive upright.
     applied_by_decoder = "original_orientation" in image.info
-    orientation = _read_orientation(image, shown)
+    orientation = _read_orientation(image, printable_path)
     if orientation in (5, 6, 7, 8) and not applied_by_decoder:
         width, height = height, width
 
     # For JPEG, draft() makes the decoder scale by 1/2, 1/4 or 1/8 in the DCT domain while keeping
-    # both sides at least `size`; other formats ignore it. Large photos decode much faster this way.
+    # both sides at least `size`, so large photos decode much faster. Other formats ignore it.
     image.draft(None, (size, size))
     image.load()
     if orientation != 1 and not applied_by_decoder:
@@ -115,14 +115,14 @@ def _decode_opened(image: Image.Image, shown: str, size: int) -> DecodedImage:
     return DecodedImage(pixels=pixels, width=width, height=height, format=file_format, orientation=orientation)
 
 
-def _read_orientation(image: Image.Image, shown: str) -> int:
+def _read_orientation(image: Image.Image, printable_path: str) -> int:
     """Return the EXIF orientation of the file, 1 to 8, including one that pillow_heif already applied."""
     orientation = image.info.get("original_orientation")
     if orientation is None:
         try:
             orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
         except _DECODE_ERRORS as error:
-            logging.warning("Ignoring unreadable EXIF data in %s (%s); the image is used as stored.", shown, error)
+            logging.warning("Ignoring unreadable EXIF data in %s (%s); the image is used as stored.", printable_path, error)
             return 1
     return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
 

@@ -6,7 +6,7 @@ environment_type]. Both return an Inventory: the candidate image files sorted by
 files rejected on the way, each with a reason. Malformed input raises InputError.
 
 Paths are str. File names that are not valid UTF-8 are kept as str with surrogate escapes
-(os.fsdecode), so they can be opened again unchanged; display_path() makes them printable.
+(os.fsdecode), so they open again unchanged. display_path() makes them printable.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def discover(root: str = "", manifest: str = "") -> Inventory:
     """Find the image files of every participant, from a folder tree or a CSV manifest.
 
     Raises InputError when the root or manifest is missing or malformed, when a participant
-    folder holds no image, when two participant ids differ only by case or surrounding spaces,
+    folder contains no image, when two participant ids differ only by case or surrounding spaces,
     or when no image is found at all.
     """
     if manifest:
@@ -114,29 +114,29 @@ def _open_binary(path: str):
 
 def _reject_reason(path: str) -> str | None:
     """Return why `path` cannot be used as an image file, or None when it can be read."""
-    shown = display_path(path)
+    printable_path = display_path(path)
     try:
         link_status = os.lstat(path)
     except FileNotFoundError:
-        return f"File not found: {shown}. Fix the path or remove the entry."
+        return f"File not found: {printable_path}. Fix the path or remove the entry."
     except OSError as error:
-        return f"Cannot read file status of {shown} ({error.strerror}). Check the path and its permissions."
+        return f"Cannot read file status of {printable_path} ({error.strerror}). Check the path and its permissions."
 
     if stat.S_ISLNK(link_status.st_mode):
         try:
             os.stat(path)
         except FileNotFoundError:
-            return f"Broken symbolic link {shown} -> {display_path(os.readlink(path))}. Fix or remove the link."
+            return f"Broken symbolic link {printable_path} -> {display_path(os.readlink(path))}. Fix or remove the link."
         except OSError as error:
-            return f"Symbolic link {shown} cannot be followed ({error.strerror}, possibly a link loop). Fix or remove the link."
+            return f"Symbolic link {printable_path} cannot be followed ({error.strerror}, possibly a link loop). Fix or remove the link."
 
     if not os.path.isfile(path):
-        return f"Not a regular file: {shown}. Remove it or point the entry at an image file."
+        return f"Not a regular file: {printable_path}. Remove it or point the entry at an image file."
 
     extension = os.path.splitext(path)[1].lower()
     if extension not in IMAGE_EXTENSIONS:
         return (
-            f"Not an image file (extension {extension or 'missing'!r}): {shown}. "
+            f"Not an image file (extension {extension or 'missing'!r}): {printable_path}. "
             f"Only JPEG, PNG, HEIC/HEIF and WebP files are used; convert or move it."
         )
 
@@ -144,9 +144,9 @@ def _reject_reason(path: str) -> str | None:
         with _open_binary(path):
             pass
     except PermissionError:
-        return f"Permission denied when reading {shown}. Make the file readable (chmod a+r) or remove it."
+        return f"Permission denied when reading {printable_path}. Make the file readable (chmod a+r) or remove it."
     except OSError as error:
-        return f"Cannot open {shown} ({error.strerror}). Check the file and the disk."
+        return f"Cannot open {printable_path} ({error.strerror}). Check the file and the disk."
     return None
 
 
@@ -156,7 +156,7 @@ def _reject_reason(path: str) -> str | None:
 def _discover_folder(root: str) -> tuple[list[Record], list[Skipped]]:
     root = os.path.abspath(root)
     if not os.path.isdir(root):
-        raise InputError(f"Image folder not found: {display_path(root)}. Pass the folder that holds one subfolder per participant.")
+        raise InputError(f"Image folder not found: {display_path(root)}. Pass the folder that contains one subfolder per participant.")
 
     records: list[Record] = []
     skipped: list[Skipped] = []
@@ -188,9 +188,9 @@ def _discover_folder(root: str) -> tuple[list[Record], list[Skipped]]:
         records.extend(participant_records)
 
     if empty_participants:
-        shown = ", ".join(display_path(os.path.join(root, name)) for name in empty_participants)
+        printable_path = ", ".join(display_path(os.path.join(root, name)) for name in empty_participants)
         raise InputError(
-            f"Participant folder(s) without any readable image: {shown}. "
+            f"Participant folder(s) without any readable image: {printable_path}. "
             f"Add JPEG, PNG, HEIC or WebP images, or remove the folder(s)."
         )
     return records, skipped
@@ -276,19 +276,19 @@ def _discover_manifest(root: str, manifest: str) -> tuple[list[Record], list[Ski
 
 def _read_manifest_rows(manifest: str) -> list[tuple[int, dict[str, str]]]:
     """Read the manifest's data rows as (line number, stripped values by column)."""
-    shown = display_path(manifest)
+    printable_path = display_path(manifest)
     try:
         # utf-8-sig drops the byte order mark that spreadsheet programs write.
         with open(manifest, newline="", encoding="utf-8-sig") as file:
             reader = csv.reader(file)
             header = next(reader, None)
             if header is None:
-                raise InputError(f"Manifest {shown} is empty. Add a header row: path,participant[,environment,environment_type].")
+                raise InputError(f"Manifest {printable_path} is empty. Add a header row: path,participant[,environment,environment_type].")
             columns = [name.strip().lower() for name in header]
             for required in REQUIRED_COLUMNS:
                 if required not in columns:
                     raise InputError(
-                        f"Manifest {shown} has no column {required!r} (header: {','.join(header)}). "
+                        f"Manifest {printable_path} has no column {required!r} (header: {','.join(header)}). "
                         f"Add it: the header must contain path,participant[,environment,environment_type]."
                     )
             rows = []
@@ -297,16 +297,16 @@ def _read_manifest_rows(manifest: str) -> list[tuple[int, dict[str, str]]]:
                     continue
                 row_number = reader.line_num
                 if len(values) != len(columns):
-                    raise InputError(f"Row {row_number} of {shown} has {len(values)} values but the header has {len(columns)} columns. Fix the row.")
+                    raise InputError(f"Row {row_number} of {printable_path} has {len(values)} values but the header has {len(columns)} columns. Fix the row.")
                 row = {column: value.strip() for column, value in zip(columns, values)}
                 for required in REQUIRED_COLUMNS:
                     if not row[required]:
-                        raise InputError(f"Row {row_number} of {shown} has an empty {required!r} value. Fill it in or remove the row.")
+                        raise InputError(f"Row {row_number} of {printable_path} has an empty {required!r} value. Fill it in or remove the row.")
                 rows.append((row_number, row))
     except UnicodeDecodeError as error:
-        raise InputError(f"Manifest {shown} is not valid UTF-8 text ({error.reason} at byte {error.start}). Save it as UTF-8 CSV.") from error
+        raise InputError(f"Manifest {printable_path} is not valid UTF-8 text ({error.reason} at byte {error.start}). Save it as UTF-8 CSV.") from error
     except csv.Error as error:
-        raise InputError(f"Manifest {shown} is not valid CSV ({error}). Fix the file.") from error
+        raise InputError(f"Manifest {printable_path} is not valid CSV ({error}). Fix the file.") from error
     return rows
 
 
@@ -320,9 +320,9 @@ def _check_participant_ids(participants: list[str], source: str) -> None:
         by_key[participant.strip().casefold()].append(participant)
     clashes = [names for names in by_key.values() if len(names) > 1]
     if clashes:
-        shown = "; ".join(" and ".join(repr(display_path(name)) for name in names) for names in clashes)
+        printable_path = "; ".join(" and ".join(repr(display_path(name)) for name in names) for names in clashes)
         raise InputError(
-            f"Participant ids in {source} differ only by letter case or spaces: {shown}. "
+            f"Participant ids in {source} differ only by letter case or spaces: {printable_path}. "
             f"Rename them so that each participant has exactly one id."
         )
 

@@ -128,6 +128,42 @@ def compute_loss_terms(outputs: dict[str, jax.Array], participant_labels: jax.Ar
   return loss, (metrics, new_mixture_ema)
 
 
+def make_views(rng: jax.Array, images: jax.Array,
+               config: ml_collections.ConfigDict) -> jax.Array:
+  """Return two augmented views of each image, stacked as [view 1; view 2]."""
+  rng_1, rng_2 = jax.random.split(rng)
+  augment = functools.partial(
+      augment_lib.augment,
+      out_size=config.data.image_size,
+      jitter_strength=config.augment.jitter_strength,
+      crop_scale=(config.augment.crop_scale_min, 1.0),
+      flip_prob=config.augment.flip_prob,
+      jitter_prob=config.augment.jitter_prob,
+      grayscale_prob=config.augment.grayscale_prob)
+  return jnp.concatenate([augment(rng_1, images), augment(rng_2, images)])
+
+
+def loss_and_grads(state: TrainState, images: jax.Array, participant_labels: jax.Array,
+                   rng: jax.Array, config: ml_collections.ConfigDict):
+  """Return the gradients of the IH-CC loss on one batch and everything the step needs.
+
+  Returns:
+    (grads, metrics, new_mixture_ema, new_batch_stats, cluster_logits of both views).
+  """
+  views = make_views(rng, images, config)
+
+  def loss_fn(params):
+    outputs, model_state = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats}, views, train=True,
+        mutable=["batch_stats"])
+    loss, aux = compute_loss_terms(outputs, participant_labels, state.mixture_ema, config)
+    return loss, (aux, model_state, outputs["cluster_logits"])
+
+  grads, ((metrics, mixture_ema), model_state, cluster_logits) = jax.grad(
+      loss_fn, has_aux=True)(state.params)
+  return grads, metrics, mixture_ema, model_state["batch_stats"], cluster_logits
+
+
 def train_step(state: TrainState, images: jax.Array, participant_labels: jax.Array, *,
                config: ml_collections.ConfigDict, base_rng: jax.Array):
   """Run one optimisation step on a global batch of uint8 images.
@@ -141,29 +177,11 @@ def train_step(state: TrainState, images: jax.Array, participant_labels: jax.Arr
     (first view) have cluster k as their argmax.
   """
   rng = jax.random.fold_in(base_rng, state.step)
-  rng_1, rng_2 = jax.random.split(rng)
-  augment = functools.partial(
-      augment_lib.augment,
-      out_size=config.data.image_size,
-      jitter_strength=config.augment.jitter_strength,
-      crop_scale=(config.augment.crop_scale_min, 1.0),
-      flip_prob=config.augment.flip_prob,
-      jitter_prob=config.augment.jitter_prob,
-      grayscale_prob=config.augment.grayscale_prob)
-  views = jnp.concatenate([augment(rng_1, images), augment(rng_2, images)])
-
-  def loss_fn(params):
-    outputs, model_state = state.apply_fn(
-        {"params": params, "batch_stats": state.batch_stats}, views, train=True,
-        mutable=["batch_stats"])
-    loss, aux = compute_loss_terms(outputs, participant_labels, state.mixture_ema, config)
-    return loss, (aux, model_state, outputs["cluster_logits"])
-
-  grads, ((metrics, mixture_ema), model_state, cluster_logits) = jax.grad(
-      loss_fn, has_aux=True)(state.params)
+  grads, metrics, mixture_ema, batch_stats, cluster_logits = loss_and_grads(
+      state, images, participant_labels, rng, config)
   new_state = state.apply_gradients(
-      grads=grads, batch_stats=model_state["batch_stats"], mixture_ema=mixture_ema)
-  metrics["grad_norm"] = optax.global_norm(grads)
+      grads=grads, batch_stats=batch_stats, mixture_ema=mixture_ema)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   batch_size = images.shape[0]
   cluster_counts = jnp.sum(
       jax.nn.one_hot(jnp.argmax(cluster_logits[:batch_size], -1), cluster_logits.shape[-1]),

@@ -75,7 +75,7 @@ def write_solid(path: str | bytes, color=(90, 140, 200), size=(24, 16), **save_o
 
 
 def write_png_header_only(path: str, width: int, height: int) -> str:
-    """Write a PNG whose header declares width x height but which holds no pixel data."""
+    """Write a PNG whose header declares width x height but contains no pixel data."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
