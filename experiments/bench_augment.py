@@ -3,8 +3,9 @@
 Run from the repository root:
   .venv/bin/python experiments/bench_augment.py --batch_size=128 --image_size=64 --out_size=64
 
-Prints the compile time and the steady-state images per second (one augmented view per
-image), timed over --iters calls after one warm-up call, each call blocked until done.
+Prints the compile time and the images per second (one augmented view per image) of the
+median and of the fastest of --iters calls after one warm-up call, each call blocked until
+done. The fastest call is the better estimate on a machine shared with other jobs.
 """
 
 import os
@@ -38,20 +39,22 @@ def main(argv):
     augment(rng, images).block_until_ready()
     compile_seconds = time.perf_counter() - start
 
-    keys = jax.random.split(jax.random.key(1), _ITERS.value)
-    start = time.perf_counter()
-    for key in keys:
+    call_seconds = []
+    for key in jax.random.split(jax.random.key(1), _ITERS.value):
+        start = time.perf_counter()
         augment(key, images).block_until_ready()
-    seconds = time.perf_counter() - start
+        call_seconds.append(time.perf_counter() - start)
 
-    per_second = _BATCH_SIZE.value * _ITERS.value / seconds
+    median = float(np.median(call_seconds))
+    best = min(call_seconds)
+    batch = _BATCH_SIZE.value
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}")
     print(
-        f"batch {_BATCH_SIZE.value}, {_IMAGE_SIZE.value} px -> {_OUT_SIZE.value} px: "
-        f"first call (compile + run) {compile_seconds:.2f} s, "
-        f"{seconds / _ITERS.value * 1e3:.2f} ms per call, {per_second:,.0f} images/s"
+        f"batch {batch}, {_IMAGE_SIZE.value} px -> {_OUT_SIZE.value} px, {_ITERS.value} calls: "
+        f"first call (compile + run) {compile_seconds:.2f} s; "
+        f"median {median * 1e3:.2f} ms per call = {batch / median:,.0f} images/s; "
+        f"best {best * 1e3:.2f} ms = {batch / best:,.0f} images/s"
     )
-
 
 if __name__ == "__main__":
     app.run(main)

@@ -7,9 +7,10 @@ RandomResizedCrop, RandomHorizontalFlip, ColorJitter and RandomGrayscale, runs i
 jitted train step and takes an explicit PRNG key. `preprocess` is the deterministic
 evaluation transform.
 
-Differences from CC's PIL pipeline: every stage works on float32 in [0, 1], so nothing is
-rounded to uint8 between the colour ops, and the grayscale weights are the exact ITU-R
-601-2 luma weights (0.299, 0.587, 0.114), as PIL uses them.
+Differences from CC's pipeline, which runs these transforms on PIL images: every stage
+works on float32 in [0, 1], so nothing is rounded to uint8 between the colour ops. The
+grayscale weights are the ITU-R 601-2 luma weights (0.299, 0.587, 0.114) that PIL uses;
+torchvision's tensor functions use 0.2989 for red.
 
 Resampling is separable: each output row and column is a fixed weighted sum of input rows
 and columns, so a crop + resize (+ flip) is two small matrix products per image. The
@@ -151,13 +152,13 @@ def _check_images(images: Any) -> None:
     dtype = getattr(images, "dtype", None)
     if shape is None or len(shape) != 4 or shape[-1] != 3:
         raise ValueError(
-            f"images must have shape [batch, height, width, 3], got {shape}; "
-            "add a batch axis or convert the images to RGB"
+            f"images must have shape [batch, height, width, 3], got {shape}. "
+            "Add a batch axis or convert the images to RGB"
         )
     if dtype != jnp.uint8:
         raise TypeError(
-            f"images must be uint8 RGB in [0, 255], got dtype {dtype}; "
-            "pass the decoded uint8 images, not normalised floats"
+            f"images must be uint8 RGB in [0, 255], got dtype {dtype}. "
+            "Pass the decoded uint8 images, not normalised floats"
         )
 
 
@@ -182,8 +183,8 @@ def _check_crop_scale(crop_scale: Any) -> tuple[float, float]:
         ) from error
     if not 0.0 < low <= high:
         raise ValueError(
-            f"crop_scale must satisfy 0 < min <= max, got {crop_scale!r}; "
-            "the default is (0.08, 1.0)"
+            f"crop_scale must satisfy 0 < min <= max, got {crop_scale!r}. "
+            "The default is (0.08, 1.0)"
         )
     return low, high
 
@@ -192,8 +193,8 @@ def _check_jitter_strength(strength: Any) -> float:
     strength = float(strength)
     if not 0.0 <= strength <= 2.5:
         raise ValueError(
-            f"jitter_strength must be in [0, 2.5], got {strength}; the hue shift 0.2 * "
-            "jitter_strength may not exceed 0.5"
+            f"jitter_strength must be in [0, 2.5] so that the hue shift 0.2 * "
+            f"jitter_strength stays within 0.5, got {strength}"
         )
     return strength
 
@@ -239,8 +240,10 @@ def _sample_crop_box(
     # torch.randint(0, height - h + 1): uniform over the valid offsets.
     top_random = jnp.floor(jax.random.uniform(top_key) * (height - crop_h + 1.0))
     left_random = jnp.floor(jax.random.uniform(left_key) * (width - crop_w + 1.0))
-    top = jnp.where(found, jnp.minimum(top_random, height - crop_h), float((height - fallback_h) // 2))
-    left = jnp.where(found, jnp.minimum(left_random, width - crop_w), float((width - fallback_w) // 2))
+    top_centred = float((height - fallback_h) // 2)
+    left_centred = float((width - fallback_w) // 2)
+    top = jnp.where(found, jnp.minimum(top_random, height - crop_h), top_centred)
+    left = jnp.where(found, jnp.minimum(left_random, width - crop_w), left_centred)
     return CropBoxes(top=top, left=left, height=crop_h, width=crop_w)
 
 
@@ -363,7 +366,7 @@ def _color_jitter(x: jax.Array, params: JitterParams) -> jax.Array:
     factors_by_op = jnp.stack([params.brightness, params.contrast, params.saturation], axis=1)
     blend_factors = jnp.take_along_axis(factors_by_op, blend_ops, axis=1)
     slots = jnp.arange(3)
-    before_hue = slots[None, :] <= hue_position[:, None]
+    before_hue = slots[None, :] < hue_position[:, None]
     factors_before = jnp.where(before_hue, blend_factors, 1.0)
     factors_after = jnp.where(before_hue, 1.0, blend_factors)
 
@@ -372,8 +375,8 @@ def _color_jitter(x: jax.Array, params: JitterParams) -> jax.Array:
         return _blend_op(images, op, factor), None
 
     # Each slot runs as one step of a scan, so the image is written out between slots.
-    # Unrolled, XLA on CPU fuses every slot into the next and recomputes the whole chain
-    # once per slot; jax.lax.optimization_barrier does not prevent that on CPU.
+    # Unrolled, XLA on CPU (jax 0.10.2) fuses every slot into the next and recomputes the
+    # whole chain once per slot, and jax.lax.optimization_barrier does not prevent that.
     x, _ = jax.lax.scan(blend_slot, x, (blend_ops.T, factors_before.T))
     x = jnp.where((params.hue != 0.0)[:, None, None, None], _adjust_hue(x, params.hue), x)
     x, _ = jax.lax.scan(blend_slot, x, (blend_ops.T, factors_after.T))

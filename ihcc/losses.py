@@ -54,9 +54,9 @@ def _nt_xent(similarity: jax.Array) -> jax.Array:
 def instance_loss(z_i: jax.Array, z_j: jax.Array, temperature) -> jax.Array:
     """Compute the instance-level NT-Xent loss of two views of a batch.
 
-    `z_i` and `z_j` are [B, D] embeddings that the model has already L2-normalised; the
-    similarity is the plain dot product divided by `temperature`, as in the reference, so
-    gradients match the reference (which does not renormalise here either). The loss
+    `z_i` and `z_j` are [B, D] embeddings that the model has already L2-normalised. The
+    similarity is the plain dot product divided by `temperature`. The reference does not
+    renormalise inside the loss either, so the gradients match it. The loss
     averages over all 2B anchors, and each anchor has the other 2B - 2 embeddings as
     negatives.
     """
@@ -131,15 +131,15 @@ def cluster_loss_from_logits(
 def participant_loss(logits: jax.Array, labels: jax.Array, form: str = "cross_entropy") -> jax.Array:
     """Compute the participant-classification loss of one view.
 
-    `logits` is [B, P] and `labels` holds integer participant indices in [0, P).
+    `logits` is [B, P] and `labels` contains integer participant indices in [0, P).
 
     form="cross_entropy" (the default) is the mean negative log-softmax of the true
     participant. form="reference" reproduces the published code, which applies NLLLoss to
     softmax probabilities: the loss is minus the mean softmax probability of the true
     participant, whose gradient vanishes when the prediction is confidently wrong.
 
-    A label outside [0, P) makes the loss NaN so that the error cannot pass silently;
-    the values of `labels` cannot raise inside `jax.jit`.
+    A label outside [0, P) makes the loss NaN so that the error cannot pass silently,
+    because the values of `labels` cannot raise inside `jax.jit`.
     """
     if form not in PARTICIPANT_LOSS_FORMS:
         raise ValueError(

@@ -49,9 +49,8 @@ def _torch_module_names(depth: int) -> Iterator[tuple[str, str, str]]:
             for conv in range(1, convs_per_block + 1):
                 yield f"{torch_block}.conv{conv}", f"{flax_block}/conv{conv}", "conv"
                 yield f"{torch_block}.bn{conv}", f"{flax_block}/bn{conv}", "bn"
-            # torchvision gives the first block of a stage a projection shortcut whenever the
-            # stride or the width changes; for these layouts that is exactly index 0 of every
-            # stage except layer1 of the basic-block ResNets.
+            # torchvision gives a block a projection shortcut when its stride or width changes.
+            # In these layouts that is block 0 of every stage, except layer1 of ResNet-18/34.
             if index == 0 and (stage > 1 or block_type == "bottleneck"):
                 yield f"{torch_block}.downsample.0", f"{flax_block}/downsample_conv", "conv"
                 yield f"{torch_block}.downsample.1", f"{flax_block}/downsample_bn", "bn"
@@ -120,10 +119,12 @@ def load_torchvision_resnet(path: str, variables: dict, depth: int) -> dict:
     BatchNorm weight/bias go to params scale/bias, and running_mean/running_var go to
     batch_stats mean/var. Each value is cast to the dtype of the variable it replaces.
 
-    Raises ValueError naming the file (and the key and expected shape where one applies) when
-    the file is missing, has an extension other than .safetensors or .npz, cannot be read,
-    lacks a key, has a key of the wrong shape, or has backbone keys that a ResNet of this
-    depth does not use (a sign of a file for another depth).
+    Raises ValueError when the file is missing, has an extension other than .safetensors or
+    .npz, cannot be read, lacks a key or has a key of the wrong shape or dtype. It also raises
+    when the file has backbone keys that a ResNet of this depth does not use, which points to a
+    file for another depth. The message names the file, and the key and expected shape where
+    one applies. ValueError is
+    also raised when `variables` do not come from IHCC(depth=depth).init.
     """
     if depth not in models.RESNET_STAGES:
         raise ValueError(
@@ -157,9 +158,9 @@ def load_torchvision_resnet(path: str, variables: dict, depth: int) -> dict:
 
     unused = sorted(key for key in state if not key.startswith("fc."))
     if unused:
-        shown = ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else "")
+        listed = ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else "")
         raise ValueError(
             f"Pretrained weights file {path!r} has {len(unused)} keys that a torchvision "
-            f"ResNet-{depth} does not use ({shown}); check that the file is for depth {depth}."
+            f"ResNet-{depth} does not use ({listed}); check that the file is for depth {depth}."
         )
     return loaded

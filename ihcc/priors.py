@@ -32,8 +32,8 @@ DEFAULT_SMOOTHING = 1e-3
 def _two_sum_add(left, right):
     """Add two float-float numbers (high, low) and renormalise the result.
 
-    The high part of the result is the float32 rounding of the pair's value; the low
-    part carries the rounding error, so a chain of these additions keeps about twice the
+    The high part of the result is the float32 rounding of the pair's value and the low
+    part is the rounding error, so a chain of these additions keeps about twice the
     float32 precision.
     """
     left_high, left_low = left
@@ -60,10 +60,13 @@ def _cumsum_with_wide_accumulator(x: jax.Array, axis: int) -> jax.Array:
 
 
 def reference_stick_breaking(pi: jax.Array, alpha) -> jax.Array:
-    """Compute the published IH-CC stick-breaking term for soft assignments `pi` [B, K].
+    """Compute the stick-breaking term of the published IH-CC code for assignments `pi` [B, K].
+
+    The published code is github.com/engelhard-lab/ih-cc-environtyping,
+    `Network.stickbreak` in modules/network_stick.py.
 
     For each image and each of the K - 1 sticks k < K - 1 (0-based),
-    beta_k = pi_k / (1 - sum_{j<k} pi_j); sticks whose remaining length is <= 0 are masked
+    beta_k = pi_k / (1 - sum_{j<k} pi_j). Sticks whose remaining length is <= 0 are masked
     out and beta is clipped at REFERENCE_BETA_MAX. The result is the mean of
     log Beta(beta_k; 1, alpha) over the unmasked entries of the batch whose log-density is
     non-zero. The reference training loss subtracts lambda times this value.
@@ -126,7 +129,7 @@ def gem_log_prior(weights: jax.Array, alpha, *, smoothing=DEFAULT_SMOOTHING, sor
     remaining masses are reverse cumulative log-sum-exps of log w', never 1 - cumsum(w).
 
     With sort=True (the default) the density is evaluated at the weights sorted in
-    decreasing order, which makes it invariant to relabelling the clusters; for
+    decreasing order, which makes it invariant to relabelling the clusters. For
     alpha <= 1 that order maximises the density over all orderings. With sort=False the
     clusters are taken in index order.
     """
@@ -169,8 +172,8 @@ def mixture_weights(batch_probs: jax.Array, ema_weights: jax.Array, momentum) ->
     `batch_probs` is [N, K] soft assignments (pass both views stacked to use both) and
     `ema_weights` [K] is the moving average from the previous step. Returns
     `(weights, new_ema)` with weights = momentum * ema + (1 - momentum) * batch mean.
-    The gradient flows through the batch mean only, so it is scaled by (1 - momentum);
-    momentum = 0 uses the batch alone. `new_ema` equals `weights` with the gradient
+    The gradient flows through the batch mean only, so it is scaled by (1 - momentum).
+    With momentum = 0 the batch alone is used. `new_ema` equals `weights` with the gradient
     stopped and is the value to carry to the next step.
     """
     if batch_probs.ndim != 2:
@@ -211,6 +214,8 @@ def sample_gem(key: jax.Array, alpha, num_clusters: int, num_samples: int) -> ja
 def expected_occupied_clusters(alpha: float, num_draws: int) -> float:
     """Return the expected number of distinct clusters among `num_draws` draws from a DP(alpha).
 
-    The exact value is sum_{i<n} alpha / (alpha + i), close to alpha * log(1 + n / alpha).
+    The exact value is sum_{i<n} alpha / (alpha + i) = alpha * (digamma(alpha + n) - digamma(alpha)),
+    close to alpha * log(1 + n / alpha) for alpha >= 1 and n >> alpha; for small alpha the
+    approximation is low (3.3 against 4.0 at alpha = 0.5, n = 400).
     """
     return math.fsum(alpha / (alpha + i) for i in range(num_draws))

@@ -2,7 +2,14 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+  _flags += " --xla_force_host_platform_device_count=4"
+# The tests run tiny programs, where XLA's CPU compile time (tens of seconds for a ResNet
+# train step at full optimisation) dwarfs the run time.
+if "xla_backend_optimization_level" not in _flags:
+  _flags += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS is set)

@@ -217,8 +217,10 @@ def test_crop_boxes_follow_torchvision_rule():
     size = 32
     top, left, height, width = _sample_boxes(size, size, (0.08, 1.0), 2000)
 
-    assert np.all(height >= 1) and np.all(width >= 1)
-    assert np.all(top >= 0) and np.all(left >= 0)
+    assert np.all(height >= 1)
+    assert np.all(width >= 1)
+    assert np.all(top >= 0)
+    assert np.all(left >= 0)
     assert np.all(top + height <= size)
     assert np.all(left + width <= size)
     for value in (top, left, height, width):
@@ -361,10 +363,13 @@ def test_jitter_params_follow_torchvision_ranges():
     assert 0.77 < applied.mean() < 0.83
     for factor in (brightness, contrast, saturation):
         np.testing.assert_array_equal(factor[~applied], 1.0)
-        assert factor[applied].min() >= 0.6 and factor[applied].max() <= 1.4
-        assert factor[applied].min() < 0.62 and factor[applied].max() > 1.38
+        assert factor[applied].min() >= 0.6
+        assert factor[applied].max() <= 1.4
+        assert factor[applied].min() < 0.62
+        assert factor[applied].max() > 1.38
     assert np.abs(hue).max() <= 0.1
-    assert hue.min() < -0.098 and hue.max() > 0.098
+    assert hue.min() < -0.098
+    assert hue.max() > 0.098
     np.testing.assert_array_equal(np.sort(order, axis=1), np.tile(np.arange(4), (len(order), 1)))
     assert len({tuple(row) for row in order}) == 24
 

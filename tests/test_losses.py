@@ -7,9 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec
-
-from ihcc import losses
+from ihcc import losses, parallel
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "reference_losses.npz"
 
@@ -45,8 +43,8 @@ def test_instance_loss_matches_reference(reference, case):
     z_j = reference[f"{case}/z_j"]
     temperature = float(reference[f"{case}/temperature"])
 
-    value, (grad_i, grad_j) = jax.value_and_grad(
-        lambda a, b: losses.instance_loss(a, b, temperature), argnums=(0, 1)
+    value, (grad_i, grad_j) = jax.jit(
+        jax.value_and_grad(lambda a, b: losses.instance_loss(a, b, temperature), argnums=(0, 1))
     )(z_i, z_j)
 
     np.testing.assert_allclose(float(value), float(reference[f"{case}/loss"]), rtol=LOSS_RTOL)
@@ -64,7 +62,7 @@ def test_cluster_loss_matches_reference(reference, case):
         contrastive, entropy_term = losses.cluster_loss(a, b, temperature)
         return contrastive + entropy_term
 
-    value, (grad_i, grad_j) = jax.value_and_grad(reference_total, argnums=(0, 1))(c_i, c_j)
+    value, (grad_i, grad_j) = jax.jit(jax.value_and_grad(reference_total, argnums=(0, 1)))(c_i, c_j)
 
     np.testing.assert_allclose(float(value), float(reference[f"{case}/loss"]), rtol=LOSS_RTOL)
     _assert_gradient_close(grad_i, reference[f"{case}/grad_c_i"])
@@ -73,7 +71,7 @@ def test_cluster_loss_matches_reference(reference, case):
 
 def test_cluster_reference_loss_includes_entropy(reference):
     case = _load_cases("cluster_")[0]
-    contrastive, entropy_term = losses.cluster_loss(reference[f"{case}/c_i"], reference[f"{case}/c_j"], 1.0)
+    contrastive, entropy_term = jax.jit(losses.cluster_loss)(reference[f"{case}/c_i"], reference[f"{case}/c_j"], 1.0)
     expected = float(reference[f"{case}/loss"])
 
     assert float(entropy_term) > 1e-3
@@ -86,7 +84,7 @@ def test_participant_reference_form_matches(reference, case):
     logits = reference[f"{case}/logits"]
     labels = jnp.asarray(reference[f"{case}/labels"])
 
-    value, grad = jax.value_and_grad(lambda x: losses.participant_loss(x, labels, form="reference"))(logits)
+    value, grad = jax.jit(jax.value_and_grad(lambda x: losses.participant_loss(x, labels, form="reference")))(logits)
 
     np.testing.assert_allclose(float(value), float(reference[f"{case}/loss"]), rtol=LOSS_RTOL)
     _assert_gradient_close(grad, reference[f"{case}/grad_logits"])
@@ -157,7 +155,7 @@ def test_cluster_loss_zero_column_finite_gradient():
         contrastive, entropy_term = losses.cluster_loss(a, b, 0.5)
         return contrastive + entropy_term
 
-    value, (grad_i, grad_j) = jax.value_and_grad(total, argnums=(0, 1))(c_i, c_j)
+    value, (grad_i, grad_j) = jax.jit(jax.value_and_grad(total, argnums=(0, 1)))(c_i, c_j)
 
     assert np.isfinite(float(value))
     assert np.all(np.isfinite(grad_i))
@@ -211,8 +209,8 @@ def test_losses_sharded_batch_match_single_device():
     devices = jax.devices()
     if len(devices) < 2:
         pytest.skip("needs several devices; tests/conftest.py sets four fake CPU devices")
-    mesh = jax.make_mesh((len(devices),), ("data",))
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    mesh = parallel.make_mesh()
+    batch_sharding = parallel.batch_sharded(mesh)
     batch = 2 * len(devices)
     z_i, z_j = _random_views(5, batch=batch, dim=8)
     rng = np.random.default_rng(6)

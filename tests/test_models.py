@@ -88,7 +88,7 @@ def test_ihcc_z_has_unit_norm(model_and_variables, images):
 
 
 def test_ihcc_im2col_flag_keeps_output(model_and_variables, images):
-    # At 32 px the first conv of layer4 sees a 2x2 map, so the two settings take different paths.
+    # At 32 px the first conv of layer4 gets a 2x2 map, so the two settings take different paths.
     model, variables = model_and_variables
     plain_model = models.IHCC(depth=18, feature_dim=16, class_num=10, num_participants=3,
                               im2col_small_maps=False)

@@ -1,8 +1,8 @@
 """Tests for loading torchvision-named ResNet weights into IHCC variables.
 
-The fake state dicts are built from the torchvision ResNet-18 layout written out below, not from
-ihcc.pretrained's own key list, and the reference forward pass runs in NumPy on the torch
-[N, C, H, W] / [out, in, kh, kw] layout.
+The fake state dicts follow the torchvision ResNet-18 layout written out below, independently of
+ihcc.pretrained's key list. The reference forward pass runs in NumPy on torch's layouts:
+[N, C, H, W] activations and [out, in, kh, kw] conv weights.
 """
 
 import jax
@@ -17,23 +17,26 @@ from ihcc.pretrained import load_torchvision_resnet
 IMAGE_SIZE = 32
 
 
+def _bn_shapes(prefix: str, channels: int) -> dict[str, tuple[int, ...]]:
+    entries = ("weight", "bias", "running_mean", "running_var")
+    return {f"{prefix}.{entry}": (channels,) for entry in entries}
+
+
 def _torchvision_resnet18_shapes() -> dict[str, tuple[int, ...]]:
     """Return torchvision resnet18().state_dict() key -> shape, without the int counters."""
     shapes = {"conv1.weight": (64, 3, 7, 7)}
-    bn_shapes = lambda prefix, c: {f"{prefix}.{n}": (c,) for n in  # noqa: E731
-                                   ("weight", "bias", "running_mean", "running_var")}
-    shapes.update(bn_shapes("bn1", 64))
+    shapes.update(_bn_shapes("bn1", 64))
     in_channels = 64
     for stage, width in enumerate((64, 128, 256, 512), start=1):
         for index in range(2):
             block = f"layer{stage}.{index}"
             shapes[f"{block}.conv1.weight"] = (width, in_channels, 3, 3)
-            shapes.update(bn_shapes(f"{block}.bn1", width))
+            shapes.update(_bn_shapes(f"{block}.bn1", width))
             shapes[f"{block}.conv2.weight"] = (width, width, 3, 3)
-            shapes.update(bn_shapes(f"{block}.bn2", width))
+            shapes.update(_bn_shapes(f"{block}.bn2", width))
             if index == 0 and stage > 1:
                 shapes[f"{block}.downsample.0.weight"] = (width, in_channels, 1, 1)
-                shapes.update(bn_shapes(f"{block}.downsample.1", width))
+                shapes.update(_bn_shapes(f"{block}.downsample.1", width))
             in_channels = width
     shapes["fc.weight"] = (1000, 512)
     shapes["fc.bias"] = (1000,)
@@ -74,8 +77,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def variables(model):
-    # Random values in the shapes model.init returns; compiling model.init takes longer than
-    # every test here, and the loader only reads shapes and dtypes.
+    # Random values in the shapes that model.init returns. The loader only reads shapes and
+    # dtypes, and compiling model.init takes longer than all tests in this file together.
     x = np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
     rng = np.random.default_rng(3)
@@ -107,26 +110,29 @@ def _np_maxpool(x):
     return sliding_window_view(x, (3, 3), axis=(2, 3))[:, :, ::2, ::2].max(axis=(-2, -1))
 
 
+def _np_relu(x):
+    return np.maximum(x, 0.0)
+
+
 def _np_resnet18(images_nhwc, state):
-    relu = lambda v: np.maximum(v, 0.0)  # noqa: E731
     mean = np.asarray(models.IMAGENET_MEAN)
     std = np.asarray(models.IMAGENET_STD)
     x = ((images_nhwc.astype(np.float64) - mean) / std).transpose(0, 3, 1, 2)
-    x = relu(_np_bn(_np_conv(x, state["conv1.weight"], 2, 3), state, "bn1"))
+    x = _np_relu(_np_bn(_np_conv(x, state["conv1.weight"], 2, 3), state, "bn1"))
     x = _np_maxpool(x)
     for stage in range(1, 5):
         for index in range(2):
             block = f"layer{stage}.{index}"
             stride = 2 if stage > 1 and index == 0 else 1
-            out = relu(_np_bn(_np_conv(x, state[f"{block}.conv1.weight"], stride, 1),
-                              state, f"{block}.bn1"))
-            out = _np_bn(_np_conv(out, state[f"{block}.conv2.weight"], 1, 1), state,
-                         f"{block}.bn2")
+            out = _np_conv(x, state[f"{block}.conv1.weight"], stride, 1)
+            out = _np_relu(_np_bn(out, state, f"{block}.bn1"))
+            out = _np_conv(out, state[f"{block}.conv2.weight"], 1, 1)
+            out = _np_bn(out, state, f"{block}.bn2")
             shortcut = x
             if f"{block}.downsample.0.weight" in state:
-                shortcut = _np_bn(_np_conv(x, state[f"{block}.downsample.0.weight"], stride, 0),
-                                  state, f"{block}.downsample.1")
-            x = relu(out + shortcut)
+                shortcut = _np_conv(x, state[f"{block}.downsample.0.weight"], stride, 0)
+                shortcut = _np_bn(shortcut, state, f"{block}.downsample.1")
+            x = _np_relu(out + shortcut)
     return x.mean(axis=(2, 3))
 
 
@@ -146,7 +152,7 @@ def test_load_replaces_every_backbone_variable(tmp_path, variables, state, exten
         if value.ndim == 4:
             value = value.transpose(2, 3, 1, 0)
         torch_values.add(np.ascontiguousarray(value).tobytes())
-    # Every backbone variable now holds one of the file's tensors, and every tensor was used.
+    # Every backbone variable now contains one of the file's tensors, and every tensor was used.
     assert len(backbone_leaves) == len(torch_values)
     assert loaded_values == torch_values
 

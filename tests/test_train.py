@@ -37,7 +37,7 @@ def make_dataset(config, num_images=16, num_participants=2):
 
 
 def run_on_mesh(config, mesh, images, labels):
-  """Return (grads, metrics, batch_stats) of one batch, and params after one step."""
+  """Return the gradients, metrics and new batch statistics of one batch."""
   state = train.create_train_state(jax.random.key(0), config, 2, steps_per_epoch=4)
   state = jax.device_put(state, parallel.replicated(mesh))
   replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
@@ -45,9 +45,7 @@ def run_on_mesh(config, mesh, images, labels):
       lambda s, x, y: train.loss_and_grads(s, x, y, jax.random.key(3), config)[:4],
       in_shardings=(replicated, sharded, sharded), out_shardings=replicated)
   batch = parallel.shard_batch((images, labels), mesh)
-  grads, metrics, _, batch_stats = jax.device_get(grads_fn(state, *batch))
-  state, _, counts = train.make_train_step(config, mesh)(state, *batch)
-  return grads, metrics, batch_stats, jax.device_get(state.params), jax.device_get(counts)
+  return jax.device_get(grads_fn(state, *batch))
 
 
 def test_four_devices_match_one_device():
@@ -56,9 +54,9 @@ def test_four_devices_match_one_device():
   dataset = make_dataset(config)
   images, labels = dataset.batch(np.arange(config.train.batch_size))
 
-  grads_4, metrics_4, stats_4, params_4, counts_4 = run_on_mesh(
+  grads_4, metrics_4, _, stats_4 = run_on_mesh(
       config, parallel.make_mesh(), images, labels)
-  grads_1, metrics_1, stats_1, params_1, counts_1 = run_on_mesh(
+  grads_1, metrics_1, _, stats_1 = run_on_mesh(
       config, parallel.make_mesh(jax.devices()[:1]), images, labels)
 
   for key in ("loss", "instance_loss", "cluster_loss", "entropy_term", "participant_loss",
@@ -69,16 +67,6 @@ def test_four_devices_match_one_device():
                grads_4, grads_1)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                stats_4, stats_1)
-  np.testing.assert_array_equal(counts_4, counts_1)
-  assert counts_4.sum() == config.train.batch_size
-  # Adam's first update is about lr * sign(grad), so a gradient entry within rounding of
-  # zero may move either way; every entry still moves by at most one learning rate.
-  lr = config.optim.learning_rate
-  jax.tree.map(lambda a, b: np.testing.assert_array_less(np.abs(a - b), 2.01 * lr),
-               params_4, params_1)
-  flat_4 = np.concatenate([np.ravel(x) for x in jax.tree.leaves(params_4)])
-  flat_1 = np.concatenate([np.ravel(x) for x in jax.tree.leaves(params_1)])
-  assert np.mean(np.isclose(flat_4, flat_1, rtol=1e-4, atol=1e-6)) > 0.999
 
 
 def test_step_changes_params_and_counts_clusters():
