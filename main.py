@@ -1,7 +1,7 @@
 """Train IH-CC, assign hierarchical environment labels, and evaluate them.
 
-  python main.py --config=configs/demo.py --workdir=/tmp/ihcc_demo
-  python main.py --config=configs/photos.py --workdir=DIR --config.data.root=PHOTOS --mode=check
+python main.py --config=configs/demo.py --workdir=/tmp/ihcc_demo
+python main.py --config=configs/photos.py --workdir=DIR --config.data.root=PHOTOS --mode=check
 """
 
 import csv
@@ -23,66 +23,76 @@ from ihcc import inputs
 from ihcc import train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py.",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/demo.py.", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Folder for the cache, checkpoints, metrics and outputs.")
-flags.DEFINE_enum("mode", "all", ["train", "assign", "evaluate", "all", "check"],
-                  "train: train or resume; assign: label images with the latest checkpoint; "
-                  "evaluate: score the labels against known ones; all: the three in turn; "
-                  "check: report on the input data and exit.")
+flags.DEFINE_enum(
+    "mode",
+    "all",
+    ["train", "assign", "evaluate", "all", "check"],
+    "train: train or resume; assign: label images with the latest checkpoint; "
+    "evaluate: score the labels against known ones; all: the three in turn; "
+    "check: report on the input data and exit.",
+)
 flags.mark_flags_as_required(["config"])
 
 
 def _save_config(config, workdir: str) -> None:
-  if jax.process_index() != 0:
-    return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def _has_known_labels(workdir: str) -> bool:
-  path = os.path.join(assign.assign_dir(workdir), "assignments.csv")
-  with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-    return any(row["true_environment"] for row in csv.DictReader(f))
+    path = os.path.join(assign.assign_dir(workdir), "assignments.csv")
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        return any(row["true_environment"] for row in csv.DictReader(f))
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  config = FLAGS.config
-  logging.info("JAX process %d of %d; %d local and %d global devices (%s).",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count(), jax.devices()[0].platform)
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    config = FLAGS.config
+    logging.info(
+        "JAX process %d of %d; %d local and %d global devices (%s).",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+        jax.devices()[0].platform,
+    )
 
-  if FLAGS.mode == "check":
-    with tempfile.TemporaryDirectory() as scratch:
-      try:
-        root, manifest = data.resolve_input(config.data, FLAGS.workdir or scratch)
-      except inputs.InputError as e:
+    if FLAGS.mode == "check":
+        with tempfile.TemporaryDirectory() as scratch:
+            try:
+                root, manifest = data.resolve_input(config.data, FLAGS.workdir or scratch)
+            except inputs.InputError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            report = check.check_inputs(root, manifest, config.data.image_size)
+        print(report.format())
+        return report.exit_code
+
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required for --mode=" + FLAGS.mode)
+    workdir = FLAGS.workdir
+    try:
+        if FLAGS.mode in ("train", "all"):
+            _save_config(config, workdir)
+            train.train(config, workdir)
+        if FLAGS.mode in ("assign", "all"):
+            assign.assign(config, workdir)
+        if FLAGS.mode == "evaluate" or (FLAGS.mode == "all" and _has_known_labels(workdir)):
+            evaluate.evaluate(config, workdir)
+    except (inputs.InputError, FileNotFoundError) as e:
+        logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
-        return 2
-      report = check.check_inputs(root, manifest, config.data.image_size)
-    print(report.format())
-    return report.exit_code
-
-  if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required for --mode=" + FLAGS.mode)
-  workdir = FLAGS.workdir
-  try:
-    if FLAGS.mode in ("train", "all"):
-      _save_config(config, workdir)
-      train.train(config, workdir)
-    if FLAGS.mode in ("assign", "all"):
-      assign.assign(config, workdir)
-    if FLAGS.mode == "evaluate" or (FLAGS.mode == "all" and _has_known_labels(workdir)):
-      evaluate.evaluate(config, workdir)
-  except (inputs.InputError, FileNotFoundError) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  return 0
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

@@ -11,14 +11,14 @@ from configs import default
 
 
 def get_config():
-  config = default.get_config()
-  config.data.synthetic.enabled = True
-  config.data.image_size = 32
-  config.model.depth = 18
-  config.model.class_num = 20
-  config.train.batch_size = 64
-  config.train.num_epochs = 30
-  config.train.checkpoint_every_epochs = 10
-  config.optim.learning_rate = 1e-3
-  config.optim.step_size = 20
-  return config
+    config = default.get_config()
+    config.data.synthetic.enabled = True
+    config.data.image_size = 32
+    config.model.depth = 18
+    config.model.class_num = 20
+    config.train.batch_size = 64
+    config.train.num_epochs = 30
+    config.train.checkpoint_every_epochs = 10
+    config.optim.learning_rate = 1e-3
+    config.optim.step_size = 20
+    return config

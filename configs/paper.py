@@ -13,25 +13,25 @@ from configs import default
 
 
 def get_config():
-  config = default.get_config()
-  config.data.image_size = 224
-  config.model.depth = 34
-  config.model.feature_dim = 128
-  config.model.class_num = 150
-  config.augment.jitter_strength = 0.8
-  config.loss.instance_temperature = 0.5
-  config.loss.cluster_temperature = 1.0
-  config.loss.entropy_weight = 1.0
-  config.loss.participant_form = "reference"
-  config.prior.kind = "reference"
-  config.prior.alpha = 15.0
-  config.prior.weight = 1.0
-  config.prior.ema_momentum = 0.0
-  config.optim.learning_rate = 0.002
-  config.optim.weight_decay = 0.0
-  config.optim.step_size = 15
-  config.optim.decay_rate = 0.5
-  config.optim.grad_clip_norm = 0.1
-  config.train.batch_size = 64
-  config.train.num_epochs = 70
-  return config
+    config = default.get_config()
+    config.data.image_size = 224
+    config.model.depth = 34
+    config.model.feature_dim = 128
+    config.model.class_num = 150
+    config.augment.jitter_strength = 0.8
+    config.loss.instance_temperature = 0.5
+    config.loss.cluster_temperature = 1.0
+    config.loss.entropy_weight = 1.0
+    config.loss.participant_form = "reference"
+    config.prior.kind = "reference"
+    config.prior.alpha = 15.0
+    config.prior.weight = 1.0
+    config.prior.ema_momentum = 0.0
+    config.optim.learning_rate = 0.002
+    config.optim.weight_decay = 0.0
+    config.optim.step_size = 15
+    config.optim.decay_rate = 0.5
+    config.optim.grad_clip_norm = 0.1
+    config.train.batch_size = 64
+    config.train.num_epochs = 70
+    return config

@@ -11,12 +11,12 @@ from configs import default
 
 
 def get_config():
-  config = default.get_config()
-  config.data.image_size = 64
-  config.model.depth = 18
-  config.model.class_num = 150
-  config.train.batch_size = 128
-  config.train.num_epochs = 30
-  config.optim.learning_rate = 1e-3
-  config.optim.step_size = 15
-  return config
+    config = default.get_config()
+    config.data.image_size = 64
+    config.model.depth = 18
+    config.model.class_num = 150
+    config.train.batch_size = 128
+    config.train.num_epochs = 30
+    config.optim.learning_rate = 1e-3
+    config.optim.step_size = 15
+    return config

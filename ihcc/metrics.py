@@ -24,6 +24,11 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 
+def _scalar(value):
+    """Return a numpy scalar as the Python value; leave Python objects (e.g. str) as they are."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _as_labels(values, name: str) -> np.ndarray:
     array = np.asarray(values)
     if array.ndim != 1:
@@ -67,7 +72,7 @@ def per_group_scores(groups: Sequence, true: Sequence, pred: Sequence) -> dict:
         count = int(members.sum())
         if count < 2:
             continue
-        scores[group.item()] = {**clustering_scores(true[members], pred[members]), "images": count}
+        scores[_scalar(group)] = {**clustering_scores(true[members], pred[members]), "images": count}
     return scores
 
 
@@ -139,9 +144,9 @@ def kmeans_baseline(
     for group in np.unique(groups):
         members = np.flatnonzero(groups == group)
         if isinstance(n_clusters, Mapping):
-            if group.item() not in n_clusters:
-                raise KeyError(f"kmeans_baseline: n_clusters has no entry for group {group.item()!r}.")
-            count = int(n_clusters[group.item()])
+            if _scalar(group) not in n_clusters:
+                raise KeyError(f"kmeans_baseline: n_clusters has no entry for group {_scalar(group)!r}.")
+            count = int(n_clusters[_scalar(group)])
         else:
             count = int(n_clusters)
         count = min(count, len(members))

@@ -28,365 +28,444 @@ from ihcc import priors
 
 
 class TrainState(train_state.TrainState):
-  """Parameters, optimiser state and everything else a checkpoint must restore."""
-  batch_stats: Any = None
-  # Running estimate of the mixture weights (mean cluster probability), length K.
-  mixture_ema: jax.Array | None = None
+    """Parameters, optimiser state and everything else a checkpoint must restore."""
+
+    batch_stats: Any = None
+    # Running estimate of the mixture weights (mean cluster probability), length K.
+    mixture_ema: jax.Array | None = None
 
 
 def create_model(config: ml_collections.ConfigDict, num_participants: int) -> models.IHCC:
-  return models.IHCC(
-      depth=config.model.depth,
-      feature_dim=config.model.feature_dim,
-      class_num=config.model.class_num,
-      num_participants=num_participants if config.model.participant_head else 0)
+    return models.IHCC(
+        depth=config.model.depth,
+        feature_dim=config.model.feature_dim,
+        class_num=config.model.class_num,
+        num_participants=num_participants if config.model.participant_head else 0,
+    )
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict,
-                           steps_per_epoch: int) -> optax.Schedule:
-  """Multiply the learning rate by `decay_rate` every `step_size` epochs."""
-  return optax.exponential_decay(
-      init_value=config.optim.learning_rate,
-      transition_steps=max(1, config.optim.step_size * steps_per_epoch),
-      decay_rate=config.optim.decay_rate,
-      staircase=True)
+def learning_rate_schedule(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.Schedule:
+    """Multiply the learning rate by `decay_rate` every `step_size` epochs."""
+    return optax.exponential_decay(
+        init_value=config.optim.learning_rate,
+        transition_steps=max(1, config.optim.step_size * steps_per_epoch),
+        decay_rate=config.optim.decay_rate,
+        staircase=True,
+    )
 
 
-def create_optimizer(config: ml_collections.ConfigDict,
-                     steps_per_epoch: int) -> optax.GradientTransformation:
-  """Adam with L2 weight decay added to the gradient (as torch.optim.Adam), then step decay."""
-  schedule = learning_rate_schedule(config, steps_per_epoch)
-  transforms = []
-  if config.optim.grad_clip_norm > 0:
-    transforms.append(optax.clip_by_global_norm(config.optim.grad_clip_norm))
-  if config.optim.weight_decay > 0:
-    transforms.append(optax.add_decayed_weights(config.optim.weight_decay))
-  transforms.append(optax.scale_by_adam())
-  transforms.append(optax.scale_by_learning_rate(schedule))
-  return optax.chain(*transforms)
+def create_optimizer(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.GradientTransformation:
+    """Adam with L2 weight decay added to the gradient (as torch.optim.Adam), then step decay."""
+    schedule = learning_rate_schedule(config, steps_per_epoch)
+    transforms = []
+    if config.optim.grad_clip_norm > 0:
+        transforms.append(optax.clip_by_global_norm(config.optim.grad_clip_norm))
+    if config.optim.weight_decay > 0:
+        transforms.append(optax.add_decayed_weights(config.optim.weight_decay))
+    transforms.append(optax.scale_by_adam())
+    transforms.append(optax.scale_by_learning_rate(schedule))
+    return optax.chain(*transforms)
 
 
-def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, num_participants: int,
-                       steps_per_epoch: int) -> TrainState:
-  """Initialise the model (optionally from a local pretrained backbone) and optimiser."""
-  model = create_model(config, num_participants)
-  size = config.data.image_size
-  variables = model.init(rng, jnp.zeros((2, size, size, 3), jnp.float32), train=False)
-  variables = dict(variables)
-  if config.model.pretrained:
-    variables = pretrained.load_torchvision_resnet(
-        config.model.pretrained, variables, config.model.depth)
-  return TrainState.create(
-      apply_fn=model.apply,
-      params=variables["params"],
-      tx=create_optimizer(config, steps_per_epoch),
-      batch_stats=variables["batch_stats"],
-      mixture_ema=jnp.full((config.model.class_num,), 1.0 / config.model.class_num, jnp.float32))
+def create_train_state(
+    rng: jax.Array, config: ml_collections.ConfigDict, num_participants: int, steps_per_epoch: int
+) -> TrainState:
+    """Initialise the model (optionally from a local pretrained backbone) and optimiser."""
+    model = create_model(config, num_participants)
+    size = config.data.image_size
+    variables = model.init(rng, jnp.zeros((2, size, size, 3), jnp.float32), train=False)
+    variables = dict(variables)
+    if config.model.pretrained:
+        variables = pretrained.load_torchvision_resnet(
+            config.model.pretrained, variables, config.model.depth
+        )
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=create_optimizer(config, steps_per_epoch),
+        batch_stats=variables["batch_stats"],
+        mixture_ema=jnp.full((config.model.class_num,), 1.0 / config.model.class_num, jnp.float32),
+    )
 
 
-def compute_loss_terms(outputs: dict[str, jax.Array], participant_labels: jax.Array,
-                       mixture_ema: jax.Array, config: ml_collections.ConfigDict):
-  """Combine the IH-CC loss terms for the two views stacked along the batch axis.
+def compute_loss_terms(
+    outputs: dict[str, jax.Array],
+    participant_labels: jax.Array,
+    mixture_ema: jax.Array,
+    config: ml_collections.ConfigDict,
+):
+    """Combine the IH-CC loss terms for the two views stacked along the batch axis.
 
-  Returns:
-    (loss, (metrics, new_mixture_ema)).
-  """
-  batch_size = participant_labels.shape[0]
-  z_i, z_j = outputs["z"][:batch_size], outputs["z"][batch_size:]
-  probs = jax.nn.softmax(outputs["cluster_logits"], axis=-1)
-  c_i, c_j = probs[:batch_size], probs[batch_size:]
+    Returns:
+      (loss, (metrics, new_mixture_ema)).
+    """
+    batch_size = participant_labels.shape[0]
+    z_i, z_j = outputs["z"][:batch_size], outputs["z"][batch_size:]
+    probs = jax.nn.softmax(outputs["cluster_logits"], axis=-1)
+    c_i, c_j = probs[:batch_size], probs[batch_size:]
 
-  instance = losses.instance_loss(z_i, z_j, config.loss.instance_temperature)
-  cluster, entropy = losses.cluster_loss(c_i, c_j, config.loss.cluster_temperature)
-  loss = instance + cluster + config.loss.entropy_weight * entropy
-  metrics = {"instance_loss": instance, "cluster_loss": cluster, "entropy_term": entropy}
+    instance = losses.instance_loss(z_i, z_j, config.loss.instance_temperature)
+    cluster, entropy = losses.cluster_loss(c_i, c_j, config.loss.cluster_temperature)
+    loss = instance + cluster + config.loss.entropy_weight * entropy
+    metrics = {"instance_loss": instance, "cluster_loss": cluster, "entropy_term": entropy}
 
-  if "participant_logits" in outputs:
-    participant = losses.participant_loss(
-        outputs["participant_logits"], jnp.concatenate([participant_labels] * 2),
-        form=config.loss.participant_form)
-    loss = loss + config.loss.participant_weight * participant
-    metrics["participant_loss"] = participant
+    if "participant_logits" in outputs:
+        participant = losses.participant_loss(
+            outputs["participant_logits"],
+            jnp.concatenate([participant_labels] * 2),
+            form=config.loss.participant_form,
+        )
+        loss = loss + config.loss.participant_weight * participant
+        metrics["participant_loss"] = participant
 
-  new_mixture_ema = mixture_ema
-  if config.prior.kind == "reference":
-    log_prior = priors.reference_stick_breaking(probs, config.prior.alpha)
-  elif config.prior.kind == "gem":
-    weights, new_mixture_ema = priors.mixture_weights(
-        probs, mixture_ema, config.prior.ema_momentum)
-    log_prior = priors.gem_log_prior(weights, config.prior.alpha)
-  elif config.prior.kind == "none":
-    log_prior = jnp.zeros((), jnp.float32)
-  else:
-    raise ValueError(
-        f"Unknown prior.kind {config.prior.kind!r}; use 'gem', 'reference' or 'none'.")
-  loss = loss - config.prior.weight * log_prior
-  metrics["log_prior"] = log_prior
-  metrics["loss"] = loss
-  metrics["occupied_in_batch"] = jnp.sum(
-      jnp.any(jax.nn.one_hot(jnp.argmax(c_i, -1), probs.shape[-1]) > 0, axis=0))
-  return loss, (metrics, new_mixture_ema)
-
-
-def make_views(rng: jax.Array, images: jax.Array,
-               config: ml_collections.ConfigDict) -> jax.Array:
-  """Return two augmented views of each image, stacked as [view 1; view 2]."""
-  rng_1, rng_2 = jax.random.split(rng)
-  augment = functools.partial(
-      augment_lib.augment,
-      out_size=config.data.image_size,
-      jitter_strength=config.augment.jitter_strength,
-      crop_scale=(config.augment.crop_scale_min, 1.0),
-      flip_prob=config.augment.flip_prob,
-      jitter_prob=config.augment.jitter_prob,
-      grayscale_prob=config.augment.grayscale_prob)
-  return jnp.concatenate([augment(rng_1, images), augment(rng_2, images)])
+    new_mixture_ema = mixture_ema
+    if config.prior.kind == "reference":
+        log_prior = priors.reference_stick_breaking(probs, config.prior.alpha)
+    elif config.prior.kind == "gem":
+        weights, new_mixture_ema = priors.mixture_weights(
+            probs, mixture_ema, config.prior.ema_momentum
+        )
+        log_prior = priors.gem_log_prior(weights, config.prior.alpha)
+    elif config.prior.kind == "none":
+        log_prior = jnp.zeros((), jnp.float32)
+    else:
+        raise ValueError(
+            f"Unknown prior.kind {config.prior.kind!r}; use 'gem', 'reference' or 'none'."
+        )
+    loss = loss - config.prior.weight * log_prior
+    metrics["log_prior"] = log_prior
+    metrics["loss"] = loss
+    metrics["occupied_in_batch"] = jnp.sum(
+        jnp.any(jax.nn.one_hot(jnp.argmax(c_i, -1), probs.shape[-1]) > 0, axis=0)
+    )
+    return loss, (metrics, new_mixture_ema)
 
 
-def loss_and_grads(state: TrainState, images: jax.Array, participant_labels: jax.Array,
-                   rng: jax.Array, config: ml_collections.ConfigDict):
-  """Return the gradients of the IH-CC loss on one batch and everything the step needs.
-
-  Returns:
-    (grads, metrics, new_mixture_ema, new_batch_stats, cluster_logits of both views).
-  """
-  views = make_views(rng, images, config)
-
-  def loss_fn(params):
-    outputs, model_state = state.apply_fn(
-        {"params": params, "batch_stats": state.batch_stats}, views, train=True,
-        mutable=["batch_stats"])
-    loss, aux = compute_loss_terms(outputs, participant_labels, state.mixture_ema, config)
-    return loss, (aux, model_state, outputs["cluster_logits"])
-
-  grads, ((metrics, mixture_ema), model_state, cluster_logits) = jax.grad(
-      loss_fn, has_aux=True)(state.params)
-  return grads, metrics, mixture_ema, model_state["batch_stats"], cluster_logits
+def make_views(rng: jax.Array, images: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
+    """Return two augmented views of each image, stacked as [view 1; view 2]."""
+    rng_1, rng_2 = jax.random.split(rng)
+    augment = functools.partial(
+        augment_lib.augment,
+        out_size=config.data.image_size,
+        jitter_strength=config.augment.jitter_strength,
+        crop_scale=(config.augment.crop_scale_min, 1.0),
+        flip_prob=config.augment.flip_prob,
+        jitter_prob=config.augment.jitter_prob,
+        grayscale_prob=config.augment.grayscale_prob,
+    )
+    return jnp.concatenate([augment(rng_1, images), augment(rng_2, images)])
 
 
-def train_step(state: TrainState, images: jax.Array, participant_labels: jax.Array, *,
-               config: ml_collections.ConfigDict, base_rng: jax.Array):
-  """Run one optimisation step on a global batch of uint8 images.
+def loss_and_grads(
+    state: TrainState,
+    images: jax.Array,
+    participant_labels: jax.Array,
+    rng: jax.Array,
+    config: ml_collections.ConfigDict,
+):
+    """Return the gradients of the IH-CC loss on one batch and everything the step needs.
 
-  Both augmented views are made on the device from a key derived from `base_rng` and the
-  step number, so resuming from a checkpoint needs no saved random state. The state
-  argument is donated.
+    Returns:
+      (grads, metrics, new_mixture_ema, new_batch_stats, cluster_logits of both views).
+    """
+    views = make_views(rng, images, config)
 
-  Returns:
-    (new_state, metrics, cluster_counts): cluster_counts[k] is how many images of the batch
-    (first view) have cluster k as their argmax.
-  """
-  rng = jax.random.fold_in(base_rng, state.step)
-  grads, metrics, mixture_ema, batch_stats, cluster_logits = loss_and_grads(
-      state, images, participant_labels, rng, config)
-  new_state = state.apply_gradients(
-      grads=grads, batch_stats=batch_stats, mixture_ema=mixture_ema)
-  metrics["grad_norm"] = optax.tree.norm(grads)
-  batch_size = images.shape[0]
-  cluster_counts = jnp.sum(
-      jax.nn.one_hot(jnp.argmax(cluster_logits[:batch_size], -1), cluster_logits.shape[-1]),
-      axis=0)
-  return new_state, metrics, cluster_counts
+    def loss_fn(params):
+        outputs, model_state = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            views,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        loss, aux = compute_loss_terms(outputs, participant_labels, state.mixture_ema, config)
+        return loss, (aux, model_state, outputs["cluster_logits"])
+
+    grads, ((metrics, mixture_ema), model_state, cluster_logits) = jax.grad(loss_fn, has_aux=True)(
+        state.params
+    )
+    return grads, metrics, mixture_ema, model_state["batch_stats"], cluster_logits
+
+
+def train_step(
+    state: TrainState,
+    images: jax.Array,
+    participant_labels: jax.Array,
+    *,
+    config: ml_collections.ConfigDict,
+    base_rng: jax.Array,
+):
+    """Run one optimisation step on a global batch of uint8 images.
+
+    Both augmented views are made on the device from a key derived from `base_rng` and the
+    step number, so resuming from a checkpoint needs no saved random state. The state
+    argument is donated.
+
+    Returns:
+      (new_state, metrics, cluster_counts): cluster_counts[k] is how many images of the batch
+      (first view) have cluster k as their argmax.
+    """
+    rng = jax.random.fold_in(base_rng, state.step)
+    grads, metrics, mixture_ema, batch_stats, cluster_logits = loss_and_grads(
+        state, images, participant_labels, rng, config
+    )
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats, mixture_ema=mixture_ema)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    batch_size = images.shape[0]
+    cluster_counts = jnp.sum(
+        jax.nn.one_hot(jnp.argmax(cluster_logits[:batch_size], -1), cluster_logits.shape[-1]),
+        axis=0,
+    )
+    return new_state, metrics, cluster_counts
 
 
 def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-  """Return the jitted train step for `mesh`: replicated state, batch sharded over devices."""
-  base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
-  step = functools.partial(train_step, config=config, base_rng=base_rng)
-  replicated = parallel.replicated(mesh)
-  return jax.jit(
-      step,
-      in_shardings=(replicated, parallel.batch_sharded(mesh), parallel.batch_sharded(mesh)),
-      out_shardings=(replicated, replicated, replicated),
-      donate_argnums=(0,))
+    """Return the jitted train step for `mesh`: replicated state, batch sharded over devices."""
+    base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+    step = functools.partial(train_step, config=config, base_rng=base_rng)
+    replicated = parallel.replicated(mesh)
+    return jax.jit(
+        step,
+        in_shardings=(replicated, parallel.batch_sharded(mesh), parallel.batch_sharded(mesh)),
+        out_shardings=(replicated, replicated, replicated),
+        donate_argnums=(0,),
+    )
 
 
 def epoch_permutation(seed: int, epoch: int, num_images: int) -> np.ndarray:
-  """Return the image order of one epoch; depends only on (seed, epoch)."""
-  return np.random.default_rng([seed, epoch]).permutation(num_images)
+    """Return the image order of one epoch; depends only on (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_images)
 
 
 def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options)
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True)
+    return ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"), options=options
+    )
 
 
-def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState,
-                       step: int | None = None) -> tuple[TrainState, dict]:
-  """Restore `state` (whose shapes and shardings are the target) from a checkpoint step."""
-  step = manager.latest_step() if step is None else step
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  restored = manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                    meta=ocp.args.JsonRestore()))
-  return restored["state"], dict(restored["meta"])
+def restore_checkpoint(
+    manager: ocp.CheckpointManager, state: TrainState, step: int | None = None
+) -> tuple[TrainState, dict]:
+    """Restore `state` (whose shapes and shardings are the target) from a checkpoint step."""
+    step = manager.latest_step() if step is None else step
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+        ),
+    )
+    return restored["state"], dict(restored["meta"])
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, meta: dict) -> None:
-  step = int(jax.device_get(state.step))
-  if step in manager.all_steps():
-    return
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                             meta=ocp.args.JsonSave(meta)))
-  manager.wait_until_finished()
-  logging.info("Saved checkpoint at step %d in %s", step, manager.directory)
+    step = int(jax.device_get(state.step))
+    if step in manager.all_steps():
+        return
+    manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+    )
+    manager.wait_until_finished()
+    logging.info("Saved checkpoint at step %d in %s", step, manager.directory)
 
 
 class _StopRequest:
-  """Turns the first SIGTERM or SIGINT into a request to checkpoint and stop after a step.
+    """Turns the first SIGTERM or SIGINT into a request to checkpoint and stop after a step.
 
-  A second signal of either kind gets the default behaviour, so a second Ctrl-C still
-  interrupts at once.
-  """
+    A second signal of either kind gets the default behaviour, so a second Ctrl-C still
+    interrupts at once.
+    """
 
-  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-  def __init__(self):
-    self.requested = False
-    self._previous = {}
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
 
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for signum in self._SIGNALS:
-        self._previous[signum] = signal.signal(signum, self._handle)
-    return self
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in self._SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
 
-  def _handle(self, signum, frame):
-    del frame
-    logging.warning("Signal %d received: saving a checkpoint and stopping after this step. "
-                    "Send it again to stop at once.", signum)
-    self.requested = True
-    for restored_signum, handler in self._previous.items():
-      signal.signal(restored_signum, handler)
+    def _handle(self, signum, frame):
+        del frame
+        logging.warning(
+            "Signal %d received: saving a checkpoint and stopping after this step. "
+            "Send it again to stop at once.",
+            signum,
+        )
+        self.requested = True
+        for restored_signum, handler in self._previous.items():
+            signal.signal(restored_signum, handler)
 
-  def __exit__(self, *exc):
-    for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
-    return False
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
 
 
 class MetricsWriter:
-  """Appends one JSON object per line to workdir/metrics.jsonl (process 0 only)."""
+    """Appends one JSON object per line to workdir/metrics.jsonl (process 0 only)."""
 
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.enabled = jax.process_index() == 0
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled = jax.process_index() == 0
 
-  def write(self, record: dict) -> None:
-    if not self.enabled:
-      return
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(record, sort_keys=True) + "\n")
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
 def _mean_metrics(history: list[dict]) -> dict:
-  stacked = jax.device_get(history)
-  return {key: float(np.mean([h[key] for h in stacked])) for key in stacked[0]}
+    stacked = jax.device_get(history)
+    return {key: float(np.mean([h[key] for h in stacked])) for key in stacked[0]}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str,
-          dataset: data_lib.TrainingData | None = None, *,
-          max_steps: int | None = None) -> TrainState:
-  """Train IH-CC on the configured data, resuming from the latest checkpoint in `workdir`.
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    dataset: data_lib.TrainingData | None = None,
+    *,
+    max_steps: int | None = None,
+) -> TrainState:
+    """Train IH-CC on the configured data, resuming from the latest checkpoint in `workdir`.
 
-  Args:
-    config: the run configuration.
-    workdir: folder for the cache, checkpoints, metrics.jsonl and config.json.
-    dataset: already prepared training data (built from `config.data` when None).
-    max_steps: stop after this global step (for tests and interrupted-run checks); the
-      schedule and data order are still those of the full run.
+    Args:
+      config: the run configuration.
+      workdir: folder for the cache, checkpoints, metrics.jsonl and config.json.
+      dataset: already prepared training data (built from `config.data` when None).
+      max_steps: stop after this global step (for tests and interrupted-run checks); the
+        schedule and data order are still those of the full run.
 
-  Returns:
-    The final train state.
-  """
-  os.makedirs(workdir, exist_ok=True)
-  dataset = dataset or data_lib.prepare_training_data(config, workdir)
-  mesh = parallel.make_mesh()
-  global_batch = config.train.batch_size
-  parallel.check_batch_size(global_batch, mesh)
-  num_images = len(dataset.images)
-  if num_images < global_batch:
-    raise ValueError(
-        f"The training data has {num_images} usable images but train.batch_size is "
-        f"{global_batch}; set --config.train.batch_size to at most {num_images}.")
-  steps_per_epoch = num_images // global_batch
-  total_steps = steps_per_epoch * config.train.num_epochs
+    Returns:
+      The final train state.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    dataset = dataset or data_lib.prepare_training_data(config, workdir)
+    mesh = parallel.make_mesh()
+    global_batch = config.train.batch_size
+    parallel.check_batch_size(global_batch, mesh)
+    num_images = len(dataset.images)
+    if num_images < global_batch:
+        raise ValueError(
+            f"The training data has {num_images} usable images but train.batch_size is "
+            f"{global_batch}; set --config.train.batch_size to at most {num_images}."
+        )
+    steps_per_epoch = num_images // global_batch
+    total_steps = steps_per_epoch * config.train.num_epochs
 
-  state = create_train_state(jax.random.key(config.seed), config,
-                             len(dataset.participants), steps_per_epoch)
-  state = jax.device_put(state, parallel.replicated(mesh))
-  manager = checkpoint_manager(workdir, config)
-  meta = {"num_images": num_images, "steps_per_epoch": steps_per_epoch,
-          "participants": dataset.participants}
-  if manager.latest_step() is not None:
-    state, saved_meta = restore_checkpoint(manager, state)
-    if saved_meta.get("num_images") != num_images:
-      logging.warning(
-          "The checkpoint was trained on %s images and the data now has %d; the epoch "
-          "order after resuming differs from an uninterrupted run.",
-          saved_meta.get("num_images"), num_images)
-    logging.info("Resumed from checkpoint step %d.", int(state.step))
+    state = create_train_state(
+        jax.random.key(config.seed), config, len(dataset.participants), steps_per_epoch
+    )
+    state = jax.device_put(state, parallel.replicated(mesh))
+    manager = checkpoint_manager(workdir, config)
+    meta = {
+        "num_images": num_images,
+        "steps_per_epoch": steps_per_epoch,
+        "participants": dataset.participants,
+    }
+    if manager.latest_step() is not None:
+        state, saved_meta = restore_checkpoint(manager, state)
+        if saved_meta.get("num_images") != num_images:
+            logging.warning(
+                "The checkpoint was trained on %s images and the data now has %d; the epoch "
+                "order after resuming differs from an uninterrupted run.",
+                saved_meta.get("num_images"),
+                num_images,
+            )
+        logging.info("Resumed from checkpoint step %d.", int(state.step))
 
-  step_fn = make_train_step(config, mesh)
-  schedule = learning_rate_schedule(config, steps_per_epoch)
-  writer = MetricsWriter(workdir)
-  rows = parallel.process_slice(global_batch)
-  start_step = int(jax.device_get(state.step))
-  end_step = total_steps if max_steps is None else min(total_steps, max_steps)
-  history = []
-  epoch_counts = None
-  last_logged = start_step
-  tick = time.time()
-  logging.info("Training from step %d to %d: %d images, %d steps per epoch, global batch %d "
-               "on %d devices.", start_step, end_step, num_images, steps_per_epoch,
-               global_batch, mesh.devices.size)
+    step_fn = make_train_step(config, mesh)
+    schedule = learning_rate_schedule(config, steps_per_epoch)
+    writer = MetricsWriter(workdir)
+    rows = parallel.process_slice(global_batch)
+    start_step = int(jax.device_get(state.step))
+    end_step = total_steps if max_steps is None else min(total_steps, max_steps)
+    history = []
+    epoch_counts = None
+    last_logged = start_step
+    tick = time.time()
+    logging.info(
+        "Training from step %d to %d: %d images, %d steps per epoch, global batch %d "
+        "on %d devices.",
+        start_step,
+        end_step,
+        num_images,
+        steps_per_epoch,
+        global_batch,
+        mesh.devices.size,
+    )
 
-  with _StopRequest() as stop:
-    for step in range(start_step, end_step):
-      epoch, offset = divmod(step, steps_per_epoch)
-      if offset == 0 or epoch_counts is None:
-        order = epoch_permutation(config.seed, epoch, num_images)
-        epoch_counts = jnp.zeros((config.model.class_num,), jnp.float32)
-      indices = order[offset * global_batch:(offset + 1) * global_batch][rows]
-      images, labels = dataset.batch(indices)
-      batch = parallel.shard_batch((images, labels), mesh)
-      state, metrics, counts = step_fn(state, *batch)
-      epoch_counts = epoch_counts + counts
-      history.append(metrics)
+    with _StopRequest() as stop:
+        for step in range(start_step, end_step):
+            epoch, offset = divmod(step, steps_per_epoch)
+            if offset == 0 or epoch_counts is None:
+                order = epoch_permutation(config.seed, epoch, num_images)
+                epoch_counts = jnp.zeros((config.model.class_num,), jnp.float32)
+            indices = order[offset * global_batch : (offset + 1) * global_batch][rows]
+            images, labels = dataset.batch(indices)
+            batch = parallel.shard_batch((images, labels), mesh)
+            state, metrics, counts = step_fn(state, *batch)
+            epoch_counts = epoch_counts + counts
+            history.append(metrics)
 
-      done = step + 1
-      if done % config.train.log_every_steps == 0 or done == end_step:
-        summary = _mean_metrics(history)
-        history = []
-        if not np.isfinite(summary["loss"]):
-          raise FloatingPointError(
-              f"The loss became {summary['loss']} between steps {last_logged + 1} and {done}; "
-              "lower optim.learning_rate or check the input images. The last checkpoint "
-              "is still in the workdir.")
-        elapsed = time.time() - tick
-        summary.update(step=done, epoch=done / steps_per_epoch,
-                       learning_rate=float(schedule(done - 1)),
-                       images_per_second=(done - last_logged) * global_batch / max(elapsed, 1e-9))
-        logging.info("step %d/%d epoch %.2f: %s", done, end_step, summary["epoch"], ", ".join(
-            f"{k}={v:.4g}" for k, v in sorted(summary.items())
-            if k not in ("step", "epoch")))
-        writer.write(summary)
-        last_logged, tick = done, time.time()
+            done = step + 1
+            if done % config.train.log_every_steps == 0 or done == end_step:
+                summary = _mean_metrics(history)
+                history = []
+                if not np.isfinite(summary["loss"]):
+                    raise FloatingPointError(
+                        f"The loss became {summary['loss']} between steps {last_logged + 1} and {done}; "
+                        "lower optim.learning_rate or check the input images. The last checkpoint "
+                        "is still in the workdir."
+                    )
+                elapsed = time.time() - tick
+                summary.update(
+                    step=done,
+                    epoch=done / steps_per_epoch,
+                    learning_rate=float(schedule(done - 1)),
+                    images_per_second=(done - last_logged) * global_batch / max(elapsed, 1e-9),
+                )
+                logging.info(
+                    "step %d/%d epoch %.2f: %s",
+                    done,
+                    end_step,
+                    summary["epoch"],
+                    ", ".join(
+                        f"{k}={v:.4g}"
+                        for k, v in sorted(summary.items())
+                        if k not in ("step", "epoch")
+                    ),
+                )
+                writer.write(summary)
+                last_logged, tick = done, time.time()
 
-      if done % steps_per_epoch == 0:
-        occupied = int(jnp.sum(epoch_counts > 0))
-        logging.info("Epoch %d done: %d of %d clusters occupied by this epoch's images.",
-                     done // steps_per_epoch, occupied, config.model.class_num)
-        writer.write({"step": done, "epoch": done // steps_per_epoch,
-                      "occupied_clusters": occupied})
-        if (done // steps_per_epoch) % config.train.checkpoint_every_epochs == 0:
-          save_checkpoint(manager, state, meta)
-      if stop.requested:
-        save_checkpoint(manager, state, meta)
-        logging.warning("Stopped at step %d on request; run again to resume.", done)
-        break
-    else:
-      save_checkpoint(manager, state, meta)
-  manager.close()
-  return state
+            if done % steps_per_epoch == 0:
+                occupied = int(jnp.sum(epoch_counts > 0))
+                logging.info(
+                    "Epoch %d done: %d of %d clusters occupied by this epoch's images.",
+                    done // steps_per_epoch,
+                    occupied,
+                    config.model.class_num,
+                )
+                writer.write(
+                    {"step": done, "epoch": done // steps_per_epoch, "occupied_clusters": occupied}
+                )
+                if (done // steps_per_epoch) % config.train.checkpoint_every_epochs == 0:
+                    save_checkpoint(manager, state, meta)
+            if stop.requested:
+                save_checkpoint(manager, state, meta)
+                logging.warning("Stopped at step %d on request; run again to resume.", done)
+                break
+        else:
+            save_checkpoint(manager, state, meta)
+    manager.close()
+    return state

@@ -14,149 +14,170 @@ from conftest import tiny_config
 
 
 class InMemoryImages:
-  """Stands in for the decoded-image cache: random uint8 images held in memory."""
+    """Stands in for the decoded-image cache: random uint8 images held in memory."""
 
-  def __init__(self, num_images: int, size: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    self.data = rng.integers(0, 256, (num_images, size, size, 3), dtype=np.uint8)
+    def __init__(self, num_images: int, size: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.data = rng.integers(0, 256, (num_images, size, size, 3), dtype=np.uint8)
 
-  def __len__(self):
-    return len(self.data)
+    def __len__(self):
+        return len(self.data)
 
-  def get_batch(self, indices):
-    return self.data[indices]
+    def get_batch(self, indices):
+        return self.data[indices]
 
 
 def make_dataset(config, num_images=16, num_participants=2):
-  from ihcc import data
-  images = InMemoryImages(num_images, config.data.image_size)
-  labels = (np.arange(num_images) % num_participants).astype(np.int32)
-  return data.TrainingData(images=images,
-                           participants=[f"p{i}" for i in range(num_participants)],
-                           participant_labels=labels)
+    from ihcc import data
+
+    images = InMemoryImages(num_images, config.data.image_size)
+    labels = (np.arange(num_images) % num_participants).astype(np.int32)
+    return data.TrainingData(
+        images=images,
+        participants=[f"p{i}" for i in range(num_participants)],
+        participant_labels=labels,
+    )
 
 
 def run_on_mesh(config, mesh, images, labels):
-  """Return the gradients, metrics and new batch statistics of one batch."""
-  state = train.create_train_state(jax.random.key(0), config, 2, steps_per_epoch=4)
-  state = jax.device_put(state, parallel.replicated(mesh))
-  replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  grads_fn = jax.jit(
-      lambda s, x, y: train.loss_and_grads(s, x, y, jax.random.key(3), config)[:4],
-      in_shardings=(replicated, sharded, sharded), out_shardings=replicated)
-  batch = parallel.shard_batch((images, labels), mesh)
-  return jax.device_get(grads_fn(state, *batch))
+    """Return the gradients, metrics and new batch statistics of one batch."""
+    state = train.create_train_state(jax.random.key(0), config, 2, steps_per_epoch=4)
+    state = jax.device_put(state, parallel.replicated(mesh))
+    replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    grads_fn = jax.jit(
+        lambda s, x, y: train.loss_and_grads(s, x, y, jax.random.key(3), config)[:4],
+        in_shardings=(replicated, sharded, sharded),
+        out_shardings=replicated,
+    )
+    batch = parallel.shard_batch((images, labels), mesh)
+    return jax.device_get(grads_fn(state, *batch))
 
 
 def test_four_devices_match_one_device():
-  assert jax.device_count() == 4
-  config = tiny_config()
-  dataset = make_dataset(config)
-  images, labels = dataset.batch(np.arange(config.train.batch_size))
+    assert jax.device_count() == 4
+    config = tiny_config()
+    dataset = make_dataset(config)
+    images, labels = dataset.batch(np.arange(config.train.batch_size))
 
-  grads_4, metrics_4, _, stats_4 = run_on_mesh(
-      config, parallel.make_mesh(), images, labels)
-  grads_1, metrics_1, _, stats_1 = run_on_mesh(
-      config, parallel.make_mesh(jax.devices()[:1]), images, labels)
+    grads_4, metrics_4, _, stats_4 = run_on_mesh(config, parallel.make_mesh(), images, labels)
+    grads_1, metrics_1, _, stats_1 = run_on_mesh(
+        config, parallel.make_mesh(jax.devices()[:1]), images, labels
+    )
 
-  for key in ("loss", "instance_loss", "cluster_loss", "entropy_term", "participant_loss",
-              "log_prior"):
-    np.testing.assert_allclose(metrics_4[key], metrics_1[key], rtol=1e-5, err_msg=key)
-  assert np.isfinite(metrics_4["loss"])
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
-               grads_4, grads_1)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               stats_4, stats_1)
+    for key in (
+        "loss",
+        "instance_loss",
+        "cluster_loss",
+        "entropy_term",
+        "participant_loss",
+        "log_prior",
+    ):
+        np.testing.assert_allclose(metrics_4[key], metrics_1[key], rtol=1e-5, err_msg=key)
+    assert np.isfinite(metrics_4["loss"])
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), grads_4, grads_1
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), stats_4, stats_1
+    )
 
 
 def test_step_changes_params_and_counts_clusters():
-  config = tiny_config()
-  dataset = make_dataset(config)
-  images, labels = dataset.batch(np.arange(config.train.batch_size))
-  mesh = parallel.make_mesh()
-  state = train.create_train_state(jax.random.key(0), config, 2, steps_per_epoch=4)
-  before = jax.device_get(state.params)
-  state = jax.device_put(state, parallel.replicated(mesh))
-  step = train.make_train_step(config, mesh)
-  state, metrics, _ = step(state, *parallel.shard_batch((images, labels), mesh))
-  after = jax.device_get(state.params)
+    config = tiny_config()
+    dataset = make_dataset(config)
+    images, labels = dataset.batch(np.arange(config.train.batch_size))
+    mesh = parallel.make_mesh()
+    state = train.create_train_state(jax.random.key(0), config, 2, steps_per_epoch=4)
+    before = jax.device_get(state.params)
+    state = jax.device_put(state, parallel.replicated(mesh))
+    step = train.make_train_step(config, mesh)
+    state, metrics, _ = step(state, *parallel.shard_batch((images, labels), mesh))
+    after = jax.device_get(state.params)
 
-  assert int(state.step) == 1
-  changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), before, after))
-  assert all(changed)
-  assert 1 <= int(metrics["occupied_in_batch"]) <= config.model.class_num
+    assert int(state.step) == 1
+    changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), before, after))
+    assert all(changed)
+    assert 1 <= int(metrics["occupied_in_batch"]) <= config.model.class_num
 
 
 @pytest.mark.parametrize("prior_kind", ["gem", "reference", "none"])
 def test_loss_terms_finite_for_each_prior(prior_kind):
-  config = tiny_config()
-  config.prior.kind = prior_kind
-  batch, k = 8, config.model.class_num
-  rng = np.random.default_rng(0)
-  outputs = {
-      "z": jax.numpy.asarray(rng.normal(size=(2 * batch, 4)).astype(np.float32)),
-      "cluster_logits": jax.numpy.asarray(20 * rng.normal(size=(2 * batch, k)).astype(np.float32)),
-      "participant_logits": jax.numpy.asarray(rng.normal(size=(2 * batch, 3)).astype(np.float32)),
-  }
-  outputs["z"] = outputs["z"] / jax.numpy.linalg.norm(outputs["z"], axis=1, keepdims=True)
-  labels = jax.numpy.asarray(np.arange(batch) % 3, dtype=np.int32)
-  ema = jax.numpy.full((k,), 1.0 / k)
+    config = tiny_config()
+    config.prior.kind = prior_kind
+    batch, k = 8, config.model.class_num
+    rng = np.random.default_rng(0)
+    outputs = {
+        "z": jax.numpy.asarray(rng.normal(size=(2 * batch, 4)).astype(np.float32)),
+        "cluster_logits": jax.numpy.asarray(
+            20 * rng.normal(size=(2 * batch, k)).astype(np.float32)
+        ),
+        "participant_logits": jax.numpy.asarray(rng.normal(size=(2 * batch, 3)).astype(np.float32)),
+    }
+    outputs["z"] = outputs["z"] / jax.numpy.linalg.norm(outputs["z"], axis=1, keepdims=True)
+    labels = jax.numpy.asarray(np.arange(batch) % 3, dtype=np.int32)
+    ema = jax.numpy.full((k,), 1.0 / k)
 
-  def loss_of(logits):
-    return train.compute_loss_terms({**outputs, "cluster_logits": logits}, labels, ema,
-                                    config)[0]
+    def loss_of(logits):
+        return train.compute_loss_terms({**outputs, "cluster_logits": logits}, labels, ema, config)[
+            0
+        ]
 
-  loss, grad = jax.value_and_grad(loss_of)(outputs["cluster_logits"])
-  assert np.isfinite(float(loss))
-  assert np.all(np.isfinite(np.asarray(grad)))
-  if prior_kind == "none":
-    _, (metrics, _) = train.compute_loss_terms(outputs, labels, ema, config)
-    assert float(metrics["log_prior"]) == 0.0
+    loss, grad = jax.value_and_grad(loss_of)(outputs["cluster_logits"])
+    assert np.isfinite(float(loss))
+    assert np.all(np.isfinite(np.asarray(grad)))
+    if prior_kind == "none":
+        _, (metrics, _) = train.compute_loss_terms(outputs, labels, ema, config)
+        assert float(metrics["log_prior"]) == 0.0
 
 
 def test_unknown_prior_kind_raises():
-  config = tiny_config()
-  config.prior.kind = "dirichlet"
-  k = config.model.class_num
-  outputs = {"z": jax.numpy.ones((4, 4)) / 2, "cluster_logits": jax.numpy.zeros((4, k))}
-  with pytest.raises(ValueError, match="prior.kind"):
-    train.compute_loss_terms(outputs, jax.numpy.zeros((2,), int), jax.numpy.ones((k,)) / k,
-                             config)
+    config = tiny_config()
+    config.prior.kind = "dirichlet"
+    k = config.model.class_num
+    outputs = {"z": jax.numpy.ones((4, 4)) / 2, "cluster_logits": jax.numpy.zeros((4, k))}
+    with pytest.raises(ValueError, match="prior.kind"):
+        train.compute_loss_terms(
+            outputs, jax.numpy.zeros((2,), int), jax.numpy.ones((k,)) / k, config
+        )
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-  config = tiny_config()
-  dataset = make_dataset(config)  # 16 images, batch 8: 2 steps per epoch, 4 steps in all.
+    config = tiny_config()
+    dataset = make_dataset(config)  # 16 images, batch 8: 2 steps per epoch, 4 steps in all.
 
-  straight = train.train(config, str(tmp_path / "straight"), dataset)
-  interrupted_dir = str(tmp_path / "interrupted")
-  partial = train.train(config, interrupted_dir, dataset, max_steps=3)
-  assert int(partial.step) == 3
-  resumed = train.train(config, interrupted_dir, dataset)
+    straight = train.train(config, str(tmp_path / "straight"), dataset)
+    interrupted_dir = str(tmp_path / "interrupted")
+    partial = train.train(config, interrupted_dir, dataset, max_steps=3)
+    assert int(partial.step) == 3
+    resumed = train.train(config, interrupted_dir, dataset)
 
-  assert int(resumed.step) == int(straight.step) == 4
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-               jax.device_get(straight.params), jax.device_get(resumed.params))
-  np.testing.assert_allclose(jax.device_get(straight.mixture_ema),
-                             jax.device_get(resumed.mixture_ema), rtol=1e-6)
+    assert int(resumed.step) == int(straight.step) == 4
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+        jax.device_get(straight.params),
+        jax.device_get(resumed.params),
+    )
+    np.testing.assert_allclose(
+        jax.device_get(straight.mixture_ema), jax.device_get(resumed.mixture_ema), rtol=1e-6
+    )
 
-  with open(os.path.join(interrupted_dir, "metrics.jsonl")) as f:
-    records = [json.loads(line) for line in f]
-  logged_steps = [r["step"] for r in records if "loss" in r]
-  assert logged_steps == [1, 2, 3, 4]
-  assert any("occupied_clusters" in r for r in records)
-  assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+    with open(os.path.join(interrupted_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    logged_steps = [r["step"] for r in records if "loss" in r]
+    assert logged_steps == [1, 2, 3, 4]
+    assert any("occupied_clusters" in r for r in records)
+    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
 
 
 def test_batch_larger_than_data_raises(tmp_path):
-  config = tiny_config()
-  config.train.batch_size = 32
-  with pytest.raises(ValueError, match="batch_size"):
-    train.train(config, str(tmp_path), make_dataset(config))
+    config = tiny_config()
+    config.train.batch_size = 32
+    with pytest.raises(ValueError, match="batch_size"):
+        train.train(config, str(tmp_path), make_dataset(config))
 
 
 def test_batch_not_divisible_by_devices_raises(tmp_path):
-  config = tiny_config()
-  config.train.batch_size = 6
-  with pytest.raises(ValueError, match="divisible"):
-    train.train(config, str(tmp_path), make_dataset(config))
+    config = tiny_config()
+    config.train.batch_size = 6
+    with pytest.raises(ValueError, match="divisible"):
+        train.train(config, str(tmp_path), make_dataset(config))
