@@ -5,6 +5,7 @@ python main.py --config=configs/photos.py --workdir=DIR --config.data.root=PHOTO
 """
 
 import csv
+import logging as logging_std
 import os
 import sys
 import tempfile
@@ -38,6 +39,13 @@ flags.DEFINE_enum(
 flags.mark_flags_as_required(["config"])
 
 
+class _QuietLibraryInfo(logging_std.Filter):
+    """Drop INFO records that Orbax writes to the absl logger on every save and restore."""
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        return record.levelno > logging_std.INFO or "/orbax/" not in record.pathname
+
+
 def _save_config(config, workdir: str) -> None:
     if jax.process_index() != 0:
         return
@@ -56,6 +64,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     config = FLAGS.config
+    logging.get_absl_handler().addFilter(_QuietLibraryInfo())
     logging.info(
         "JAX process %d of %d; %d local and %d global devices (%s).",
         jax.process_index(),
