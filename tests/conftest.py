@@ -17,9 +17,9 @@ import pytest  # noqa: E402
 
 # Identical programs compiled by different tests (or test processes) are read back from
 # disk instead of being compiled again.
-jax.config.update(
-    "jax_compilation_cache_dir", os.environ.get("IHCC_TEST_JAX_CACHE", "/tmp/ihcc-test-jax-cache")
-)
+# Subprocesses that run main.py inherit the same cache through the environment.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/ihcc-test-jax-cache")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
@@ -28,24 +28,10 @@ SHARED_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared")
 
 
 def tiny_config():
-    """Return the default config shrunk so that a train step compiles and runs in seconds."""
-    from configs import default
+    """Return the tiny config: a train step compiles and runs in seconds."""
+    from configs import tiny
 
-    config = default.get_config()
-    config.data.image_size = 16
-    config.model.depth = 18
-    config.model.feature_dim = 16
-    config.model.class_num = 8
-    config.train.batch_size = 8
-    config.train.num_epochs = 2
-    config.train.log_every_steps = 1
-    config.train.checkpoint_every_epochs = 1
-    config.assign.batch_size = 8
-    config.data.synthetic.num_participants = 3
-    config.data.synthetic.num_types = 2
-    config.data.synthetic.envs_per_participant = 2
-    config.data.synthetic.photos_per_env = 4
-    return config
+    return tiny.get_config()
 
 
 @pytest.fixture
