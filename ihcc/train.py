@@ -194,9 +194,9 @@ def train_step(
     state: TrainState,
     images: jax.Array,
     participant_labels: jax.Array,
+    base_rng: jax.Array,
     *,
     config: ml_collections.ConfigDict,
-    base_rng: jax.Array,
 ):
     """Run one optimisation step on a global batch of uint8 images.
 
@@ -224,14 +224,20 @@ def train_step(
 
 def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     """Return the jitted train step for `mesh`: replicated state, batch sharded over devices."""
-    base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
-    step = functools.partial(train_step, config=config, base_rng=base_rng)
-    replicated = parallel.replicated(mesh)
-    return jax.jit(
-        step,
-        in_shardings=(replicated, parallel.batch_sharded(mesh), parallel.batch_sharded(mesh)),
+    # The key is an argument rather than a constant of the program, so runs that differ only
+    # in their seed share one compiled step.
+    base_rng = jax.device_put(
+        jax.random.fold_in(jax.random.key(config.seed), 1), parallel.replicated(mesh)
+    )
+    replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    jitted = jax.jit(
+        functools.partial(train_step, config=config),
+        in_shardings=(replicated, sharded, sharded, replicated),
         out_shardings=(replicated, replicated, replicated),
         donate_argnums=(0,),
+    )
+    return lambda state, images, participant_labels: jitted(
+        state, images, participant_labels, base_rng
     )
 
 
