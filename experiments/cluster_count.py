@@ -46,6 +46,7 @@ _CLASS_NUM = flags.DEFINE_integer("class_num", 150, "K, the upper bound on clust
 _PHOTOS_ROOT = flags.DEFINE_string("photos_root", "", "A real photo folder to include.")
 _PHOTOS_MANIFEST = flags.DEFINE_string("photos_manifest", "", "Its manifest with known labels.")
 _PHOTOS_STEPS = flags.DEFINE_integer("photos_steps", 240, "Train steps per run on the photos.")
+_SUMMARY = flags.DEFINE_bool("summary", False, "Print the table of --results and exit.")
 _OVERRIDES = flags.DEFINE_multi_string(
     "set", [], "Config override FIELD=VALUE applied to every run, e.g. prior.alpha=0.5."
 )
@@ -109,6 +110,37 @@ def run_one(name: str, config, root: str, manifest: str, steps: int) -> dict:
     }
 
 
+def summarize(path: str) -> str:
+    """Return a Markdown table of the runs in `path`: mean and range over seeds."""
+    with open(path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    groups = {}
+    for r in records:
+        groups.setdefault((r["data"], r["prior"], tuple(r["overrides"])), []).append(r)
+    lines = [
+        "| data | prior | overrides | seeds | environments true | found (per seed) | "
+        "occupied clusters | env NMI | env ARI | within NMI | within ARI | type NMI | type ARI |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (data, prior, overrides), runs in groups.items():
+        def mean(get):
+            values = [get(r) for r in runs if get(r) is not None]
+            return f"{sum(values) / len(values):.3f}" if values else "-"
+
+        found = ", ".join(str(r["environments_found"]) for r in runs)
+        occupied = ", ".join(str(r["occupied_clusters"]) for r in runs)
+        lines.append(
+            f"| {data} | {prior} | {' '.join(overrides) or '-'} | {len(runs)} | "
+            f"{runs[0]['environments_true']} | {found} | {occupied} | "
+            f"{mean(lambda r: r['environment']['nmi'])} | {mean(lambda r: r['environment']['ari'])} | "
+            f"{mean(lambda r: r['environment']['within_participant_nmi'])} | "
+            f"{mean(lambda r: r['environment']['within_participant_ari'])} | "
+            f"{mean(lambda r: (r['environment_type'] or {}).get('nmi'))} | "
+            f"{mean(lambda r: (r['environment_type'] or {}).get('ari'))} |"
+        )
+    return "\n".join(lines)
+
+
 def done_keys(path: str) -> set:
     if not os.path.exists(path):
         return set()
@@ -119,6 +151,11 @@ def done_keys(path: str) -> set:
 
 def main(argv):
     del argv
+    if _SUMMARY.value:
+        print(summarize(_RESULTS.value))
+        return
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required to run the sweep.")
     done = done_keys(_RESULTS.value)
     datasets = []
     for name in _COHORTS.value:
@@ -150,5 +187,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["workdir", "results"])
+    flags.mark_flags_as_required(["results"])
     app.run(main)

@@ -75,7 +75,7 @@ def make_predict_fn(config: ml_collections.ConfigDict, state, mesh):
             features = outputs["z"]
         else:
             raise ValueError(
-                f"Unknown assign.type_feature {config.assign.type_feature!r}; use "
+                f"Invalid assign.type_feature {config.assign.type_feature!r}; use "
                 "'backbone' or 'instance'."
             )
         features = features / jnp.maximum(jnp.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
@@ -100,7 +100,10 @@ def predict_all(images, predict_fn, batch_size: int, mesh) -> tuple[np.ndarray, 
         batch = images.get_batch(indices)
         padded = np.zeros((batch_size,) + batch.shape[1:], batch.dtype)
         padded[: len(indices)] = batch
-        batch_probs, batch_features = jax.device_get(predict_fn(parallel.shard_batch(padded, mesh)))
+        local_rows = padded[parallel.process_slice(batch_size)]
+        batch_probs, batch_features = jax.device_get(
+            predict_fn(parallel.shard_batch(local_rows, mesh))
+        )
         probs.append(batch_probs[: len(indices)])
         features.append(batch_features[: len(indices)])
     return np.concatenate(probs), np.concatenate(features)

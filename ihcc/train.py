@@ -134,7 +134,7 @@ def compute_loss_terms(
         log_prior = jnp.zeros((), jnp.float32)
     else:
         raise ValueError(
-            f"Unknown prior.kind {config.prior.kind!r}; use 'gem', 'reference' or 'none'."
+            f"Invalid prior.kind {config.prior.kind!r}; use 'gem', 'reference' or 'none'."
         )
     loss = loss - config.prior.weight * log_prior
     metrics["log_prior"] = log_prior
@@ -440,11 +440,13 @@ def train(
                     learning_rate=float(schedule(done - 1)),
                     images_per_second=(done - last_logged) * global_batch / max(elapsed, 1e-9),
                 )
+                remaining_seconds = (end_step - done) * global_batch / summary["images_per_second"]
                 logging.info(
-                    "step %d/%d epoch %.2f: %s",
+                    "step %d/%d epoch %.2f (about %.0f min left): %s",
                     done,
                     end_step,
                     summary["epoch"],
+                    remaining_seconds / 60,
                     ", ".join(
                         f"{k}={v:.4g}"
                         for k, v in sorted(summary.items())

@@ -270,3 +270,20 @@ def test_params_only_dict_raises(tmp_path, variables, state):
     path = _write(state, str(tmp_path / "r.npz"))
     with pytest.raises(ValueError, match="batch_stats"):
         load_torchvision_resnet(path, {"params": variables["params"]}, depth=18)
+
+
+def test_config_pretrained_path_initialises_train_state(tmp_path, state):
+    from conftest import tiny_config
+    from ihcc import train
+
+    config = tiny_config()
+    config.model.pretrained = _write(state, str(tmp_path / "resnet18.safetensors"))
+    train_state = train.create_train_state(jax.random.key(0), config, 2, steps_per_epoch=1)
+
+    backbone = train_state.params["backbone"]
+    np.testing.assert_array_equal(
+        backbone["conv1"]["kernel"], state["conv1.weight"].transpose(2, 3, 1, 0)
+    )
+    np.testing.assert_array_equal(
+        train_state.batch_stats["backbone"]["bn1"]["mean"], state["bn1.running_mean"]
+    )
