@@ -236,9 +236,12 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
         out_shardings=(replicated, replicated, replicated),
         donate_argnums=(0,),
     )
-    return lambda state, images, participant_labels: jitted(
-        state, images, participant_labels, base_rng
-    )
+
+    def step(state, images, participant_labels):
+        return jitted(state, images, participant_labels, base_rng)
+
+    step.jitted = jitted
+    return step
 
 
 def epoch_permutation(seed: int, epoch: int, num_images: int) -> np.ndarray:

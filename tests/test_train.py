@@ -82,7 +82,7 @@ def test_four_devices_match_one_device():
     )
 
 
-def test_step_changes_params_and_counts_clusters():
+def test_step_updates_params_compiles_once():
     config = tiny_config()
     dataset = make_dataset(config)
     images, labels = dataset.batch(np.arange(config.train.batch_size))
@@ -93,8 +93,11 @@ def test_step_changes_params_and_counts_clusters():
     step = train.make_train_step(config, mesh)
     state, metrics, _ = step(state, *parallel.shard_batch((images, labels), mesh))
     after = jax.device_get(state.params)
+    state, _, _ = step(state, *parallel.shard_batch((images, labels), mesh))
+    state, _, _ = step(state, *parallel.shard_batch((images, labels), mesh))
+    assert step.jitted._cache_size() == 1, "the train step was compiled more than once"
 
-    assert int(state.step) == 1
+    assert int(state.step) == 3
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), before, after))
     assert all(changed)
     assert 1 <= int(metrics["occupied_in_batch"]) <= config.model.class_num
