@@ -40,10 +40,14 @@ flags.mark_flags_as_required(["config"])
 
 
 class _QuietLibraryInfo(logging_std.Filter):
-    """Drop INFO records that Orbax writes to the absl logger on every save and restore."""
+    """Drop INFO records that Orbax and tensorflow-datasets write on every checkpoint and read."""
+
+    _PACKAGES = ("/orbax/", "/tensorflow_datasets/")
 
     def filter(self, record: logging_std.LogRecord) -> bool:
-        return record.levelno > logging_std.INFO or "/orbax/" not in record.pathname
+        if record.levelno > logging_std.INFO:
+            return True
+        return not any(package in record.pathname for package in self._PACKAGES)
 
 
 def _save_config(config, workdir: str) -> None:
