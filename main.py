@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from ihcc import assign
 from ihcc import check
+from ihcc import configuration
 from ihcc import data
 from ihcc import evaluate
 from ihcc import inputs
@@ -54,12 +55,14 @@ def _save_config(config, workdir: str) -> None:
     if jax.process_index() != 0:
         return
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(path + ".tmp", path)
 
 
-def _has_known_labels(workdir: str) -> bool:
-    path = os.path.join(assign.assign_dir(workdir), "assignments.csv")
+def _has_known_labels(config, workdir: str) -> bool:
+    path = os.path.join(assign.assign_dir(workdir, config), "assignments.csv")
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         return any(row["true_environment"] for row in csv.DictReader(f))
 
@@ -93,19 +96,48 @@ def main(argv):
         raise app.UsageError("--workdir is required for --mode=" + FLAGS.mode)
     workdir = FLAGS.workdir
     try:
+        configuration.check_workdir(config, workdir)
         if FLAGS.mode in ("train", "all"):
             _save_config(config, workdir)
             train.train(config, workdir)
         if FLAGS.mode in ("assign", "all"):
             assign.assign(config, workdir)
-        if FLAGS.mode == "evaluate" or (FLAGS.mode == "all" and _has_known_labels(workdir)):
+        if FLAGS.mode == "evaluate" or (FLAGS.mode == "all" and _has_known_labels(config, workdir)):
             evaluate.evaluate(config, workdir)
-    except (inputs.InputError, FileNotFoundError) as e:
+    except train.TrainingInterrupted as e:
+        logging.warning("%s", e)
+        return 130
+    except (inputs.InputError, configuration.ConfigError, FileNotFoundError) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """Parse the command line, turning an invalid config file or override into one message."""
+    try:
+        remaining = FLAGS(argv)
+        configuration.validate(FLAGS.config)
+    except flags.Error as e:
+        sys.exit(f"error: {e}\nPass --helpfull to list the flags.")
+    except (AttributeError, KeyError) as e:
+        # ml_collections raises these for an override of a field that the config lacks.
+        message = str(e.args[0] if e.args else e)
+        # ml_collections puts the repr of the message in the AttributeError.
+        message = message.strip("'").replace("\\'", "'").replace("\\n", "\n")
+        sys.exit(f"error: invalid config override: {message}")
+    except (OSError, configuration.ConfigError) as e:
+        sys.exit(f"error: {e}")
+    return remaining
+
+
+def _run():
+    try:
+        app.run(main, flags_parser=_parse_flags)
+    except KeyboardInterrupt:
+        sys.exit("Interrupted. Checkpoints saved so far are kept; run the same command to resume.")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    _run()

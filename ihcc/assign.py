@@ -8,8 +8,10 @@ cosine similarity.
 
 import collections
 import csv
+import hashlib
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +40,35 @@ ASSIGNMENT_COLUMNS = (
 )
 
 
-def assign_dir(workdir: str) -> str:
-    return os.path.join(workdir, "assign")
+def assign_dir(workdir: str, config: ml_collections.ConfigDict) -> str:
+    """Return the output folder of the assign step for the configured assign input.
+
+    Labels of the training input go to workdir/assign. Each other input (assign.root or
+    assign.manifest) gets its own folder, so labelling a new cohort never overwrites earlier
+    outputs.
+    """
+    root, manifest = config.assign.root, config.assign.manifest
+    if not root and not manifest:
+        return os.path.join(workdir, "assign")
+    source = manifest or root.rstrip(os.sep)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.splitext(os.path.basename(source))[0])
+    digest = hashlib.sha1(
+        f"{os.path.abspath(root) if root else ''}|{os.path.abspath(manifest) if manifest else ''}".encode(
+            "utf-8", "surrogateescape"
+        )
+    ).hexdigest()[:8]
+    return os.path.join(workdir, f"assign-{name}-{digest}")
+
+
+def _participant_of_skipped(path: str, root: str) -> str:
+    """Return the participant folder of a skipped file under `root`, or "" when unknown."""
+    if not root:
+        return ""
+    relative = os.path.relpath(path, os.path.abspath(root))
+    parts = relative.split(os.sep)
+    if relative.startswith("..") or len(parts) < 2:
+        return ""
+    return parts[0]
 
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, mesh):
@@ -160,8 +189,11 @@ def assign(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     type_of = environment_types(environments, features, config.assign.type_threshold)
 
-    out_dir = assign_dir(workdir)
+    out_dir = assign_dir(workdir, config)
     os.makedirs(out_dir, exist_ok=True)
+    stale_evaluation = os.path.join(out_dir, "evaluation.json")
+    if os.path.exists(stale_evaluation):
+        os.remove(stale_evaluation)
     rows = []
     for i, record in enumerate(images.records):
         rows.append(
@@ -182,7 +214,7 @@ def assign(config: ml_collections.ConfigDict, workdir: str) -> dict:
         rows.append(
             {
                 "path": skipped.path,
-                "participant": "",
+                "participant": "" if manifest else _participant_of_skipped(skipped.path, root),
                 "status": "skipped",
                 "reason": skipped.reason,
                 "cluster": "",
@@ -235,7 +267,8 @@ def _summarise(config, step, participants, clusters, environments, type_of, imag
     type_participants = collections.defaultdict(set)
     for p, e in zip(participants, environments):
         type_participants[type_of[e]].add(p)
-    skip_reasons = collections.Counter(s.reason for s in images.skipped)
+    # Reasons name their file; counting them with the path replaced groups them by kind.
+    skip_reasons = collections.Counter(s.reason.replace(s.path, "<file>") for s in images.skipped)
     return {
         "checkpoint_step": int(step),
         "images_labelled": len(images.records),

@@ -42,7 +42,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     Returns:
       The report written to workdir/assign/evaluation.json.
     """
-    out_dir = assign_lib.assign_dir(workdir)
+    out_dir = assign_lib.assign_dir(workdir, config)
     rows = _read_labelled_rows(os.path.join(out_dir, "assignments.csv"))
     known = [r for r in rows if r["true_environment"]]
     if not known:

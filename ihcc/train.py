@@ -27,6 +27,10 @@ from ihcc import pretrained
 from ihcc import priors
 
 
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT or SIGTERM after saving a checkpoint."""
+
+
 class TrainState(train_state.TrainState):
     """Parameters, optimiser state and everything else a checkpoint must restore."""
 
@@ -400,7 +404,7 @@ def train(
     end_step = total_steps if max_steps is None else min(total_steps, max_steps)
     history = []
     epoch_counts = None
-    last_logged = start_step
+    last_logged = timed_from = start_step
     tick = time.time()
     logging.info(
         "Training from step %d to %d: %d images, %d steps per epoch, global batch %d "
@@ -441,7 +445,7 @@ def train(
                     step=done,
                     epoch=done / steps_per_epoch,
                     learning_rate=float(schedule(done - 1)),
-                    images_per_second=(done - last_logged) * global_batch / max(elapsed, 1e-9),
+                    images_per_second=(done - timed_from) * global_batch / max(elapsed, 1e-9),
                 )
                 remaining_seconds = (end_step - done) * global_batch / summary["images_per_second"]
                 logging.info(
@@ -457,7 +461,8 @@ def train(
                     ),
                 )
                 writer.write(summary)
-                last_logged, tick = done, time.time()
+                last_logged = timed_from = done
+                tick = time.time()
 
             if done % steps_per_epoch == 0:
                 occupied = int(jnp.sum(epoch_counts > 0))
@@ -474,9 +479,15 @@ def train(
                     save_checkpoint(manager, state, meta)
             if stop.requested:
                 save_checkpoint(manager, state, meta)
-                logging.warning("Stopped at step %d on request; run again to resume.", done)
-                break
-        else:
-            save_checkpoint(manager, state, meta)
+                manager.close()
+                raise TrainingInterrupted(
+                    f"Training stopped at step {done} on request, with a checkpoint saved in "
+                    f"{manager.directory}; run the same command to resume."
+                )
+            if step == start_step:
+                # The first step includes compilation; throughput counts from its end.
+                jax.block_until_ready(state)
+                timed_from, tick = done, time.time()
+        save_checkpoint(manager, state, meta)
     manager.close()
     return state

@@ -48,8 +48,9 @@ def trained_workdir(tmp_path_factory):
     return workdir
 
 
-def read_rows(workdir):
-    with open(os.path.join(workdir, "assign", "assignments.csv"), newline="") as f:
+def read_rows(workdir, config=None):
+    out_dir = assign.assign_dir(workdir, config or tiny_config())
+    with open(os.path.join(out_dir, "assignments.csv"), newline="") as f:
         reader = csv.DictReader(f)
         return reader.fieldnames, list(reader)
 
@@ -115,12 +116,14 @@ def test_assign_new_folder_reports_unreadable_file(trained_workdir, tmp_path):
 
     config.assign.root = str(new_root)
     summary = assign.assign(config, trained_workdir)
-    _, rows = read_rows(trained_workdir)
+    _, rows = read_rows(trained_workdir, config)
 
+    assert assign.assign_dir(trained_workdir, config) != os.path.join(trained_workdir, "assign")
     assert len(rows) == 2 * 4 + 1
     skipped = [r for r in rows if r["status"] == "skipped"]
     assert [r["path"] for r in skipped] == [str(broken)]
     assert skipped[0]["reason"]
+    assert skipped[0]["participant"] == "newcomer"
     labelled = [r for r in rows if r["status"] == "labelled"]
     assert {r["participant"] for r in labelled} == {"newcomer"}
     assert summary["images_skipped"] == 1
@@ -139,7 +142,14 @@ def test_evaluate_without_known_labels_raises(tmp_path):
     with open(out_dir / "assignments.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=assign.ASSIGNMENT_COLUMNS)
         writer.writeheader()
-        writer.writerow({**{c: "" for c in assign.ASSIGNMENT_COLUMNS}, "path": "/x.png",
-                         "participant": "p", "status": "labelled", "environment": "p/c000"})
+        writer.writerow(
+            {
+                **{c: "" for c in assign.ASSIGNMENT_COLUMNS},
+                "path": "/x.png",
+                "participant": "p",
+                "status": "labelled",
+                "environment": "p/c000",
+            }
+        )
     with pytest.raises(ValueError, match="known environment"):
         evaluate.evaluate(tiny_config(), str(tmp_path))

@@ -1,0 +1,97 @@
+"""Checks of a run configuration that can fail before any image is read or compiled."""
+
+import json
+import os
+
+import ml_collections
+
+from ihcc import models
+
+
+class ConfigError(ValueError):
+    """A configuration value that is invalid, or that does not fit the existing workdir."""
+
+
+_CHOICES = {
+    ("prior", "kind"): ("gem", "reference", "none"),
+    ("loss", "participant_form"): ("cross_entropy", "reference"),
+    ("assign", "type_feature"): ("backbone", "instance"),
+}
+
+# Fields that fix the shapes of the checkpoint or of the cached images.
+_WORKDIR_FIELDS = (
+    ("model", "depth"),
+    ("model", "feature_dim"),
+    ("model", "class_num"),
+    ("model", "participant_head"),
+    ("data", "image_size"),
+)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError naming the first invalid field and its valid values."""
+    for (group, field), choices in _CHOICES.items():
+        value = config[group][field]
+        if value not in choices:
+            raise ConfigError(
+                f"Invalid {group}.{field}={value!r}; use one of {', '.join(map(repr, choices))}."
+            )
+    depths = tuple(models.RESNET_STAGES)
+    if config.model.depth not in depths:
+        raise ConfigError(
+            f"Invalid model.depth={config.model.depth}; use one of {', '.join(map(str, depths))}."
+        )
+    positive = (
+        ("data", "image_size"),
+        ("model", "feature_dim"),
+        ("model", "class_num"),
+        ("train", "batch_size"),
+        ("train", "num_epochs"),
+        ("train", "log_every_steps"),
+        ("train", "checkpoint_every_epochs"),
+        ("train", "keep_checkpoints"),
+        ("optim", "step_size"),
+        ("assign", "batch_size"),
+    )
+    for group, field in positive:
+        if config[group][field] < 1:
+            raise ConfigError(f"Invalid {group}.{field}={config[group][field]}; it must be >= 1.")
+    if config.model.class_num < 2:
+        raise ConfigError(f"Invalid model.class_num={config.model.class_num}; K must be >= 2.")
+    if not 0.0 <= config.prior.ema_momentum < 1.0:
+        raise ConfigError(
+            f"Invalid prior.ema_momentum={config.prior.ema_momentum}; it must lie in [0, 1)."
+        )
+    if config.prior.alpha <= 0:
+        raise ConfigError(f"Invalid prior.alpha={config.prior.alpha}; it must be > 0.")
+    if not -1.0 <= config.assign.type_threshold <= 1.0:
+        raise ConfigError(
+            f"Invalid assign.type_threshold={config.assign.type_threshold}; a cosine similarity "
+            "lies in [-1, 1]."
+        )
+    if config.data.synthetic.enabled and (config.data.root or config.data.manifest):
+        raise ConfigError(
+            "data.root or data.manifest is set while data.synthetic.enabled=True, which would "
+            "train on the generated cohort instead; add --config.data.synthetic.enabled=False."
+        )
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Raise ConfigError if `workdir` holds a run whose model or image size differ from `config`."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(
+            f"--workdir={workdir} is a file; give a folder (it is created if missing)."
+        )
+    saved_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(os.path.join(workdir, "checkpoints")) or not os.path.exists(saved_path):
+        return
+    with open(saved_path, encoding="utf-8") as f:
+        saved = json.load(f)
+    for group, field in _WORKDIR_FIELDS:
+        before = saved.get(group, {}).get(field)
+        now = config[group][field]
+        if before is not None and before != now:
+            raise ConfigError(
+                f"{workdir} holds a run trained with {group}.{field}={before!r}, but the config "
+                f"sets {now!r}; use a new --workdir, or keep {group}.{field}={before!r}."
+            )
