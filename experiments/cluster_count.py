@@ -158,7 +158,7 @@ def main(argv):
         raise app.UsageError("--workdir is required to run the sweep.")
     done = done_keys(_RESULTS.value)
     datasets = []
-    for name in _COHORTS.value:
+    for name in filter(None, _COHORTS.value):
         participants, envs, types = COHORTS[name]
         manifest = synthetic.make_cohort(
             os.path.join(_WORKDIR.value, "cohorts", name),
