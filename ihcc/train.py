@@ -406,18 +406,17 @@ def train(
     epoch_counts = None
     last_logged = timed_from = start_step
     tick = time.time()
-    logging.info(
-        "Training from step %d to %d: %d images, %d steps per epoch, global batch %d "
-        "on %d devices.",
-        start_step,
-        end_step,
-        num_images,
-        steps_per_epoch,
-        global_batch,
-        mesh.devices.size,
-    )
-
     with _StopRequest() as stop:
+        logging.info(
+            "Training from step %d to %d: %d images, %d steps per epoch, global batch %d "
+            "on %d devices.",
+            start_step,
+            end_step,
+            num_images,
+            steps_per_epoch,
+            global_batch,
+            mesh.devices.size,
+        )
         for step in range(start_step, end_step):
             epoch, offset = divmod(step, steps_per_epoch)
             if offset == 0 or epoch_counts is None:
