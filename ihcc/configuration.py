@@ -77,7 +77,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Raise ConfigError if `workdir` holds a run whose model or image size differ from `config`."""
+    """Raise ConfigError if `workdir` contains a run whose model or image size differ from `config`."""
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(
             f"--workdir={workdir} is a file; give a folder (it is created if missing)."
@@ -92,6 +92,6 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
         now = config[group][field]
         if before is not None and before != now:
             raise ConfigError(
-                f"{workdir} holds a run trained with {group}.{field}={before!r}, but the config "
+                f"{workdir} contains a run trained with {group}.{field}={before!r}, but the config "
                 f"sets {now!r}; use a new --workdir, or keep {group}.{field}={before!r}."
             )
