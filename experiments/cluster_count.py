@@ -81,7 +81,11 @@ def set_epochs_for_steps(config, num_images: int, steps: int) -> None:
 
 
 def run_one(name: str, config, root: str, manifest: str, steps: int) -> dict:
-    workdir = os.path.join(_WORKDIR.value, "runs", f"{name}-{config.prior.kind}-s{config.seed}")
+    # Runs that differ only in an override must not share (and resume from) one workdir.
+    suffix = "".join(f"-{item.replace('=', '_')}" for item in _OVERRIDES.value)
+    workdir = os.path.join(
+        _WORKDIR.value, "runs", f"{name}-{config.prior.kind}-s{config.seed}{suffix}"
+    )
     config.data.synthetic.enabled = False
     config.data.root, config.data.manifest = root, manifest
     with open(manifest, encoding="utf-8") as f:
