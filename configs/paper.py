@@ -1,12 +1,13 @@
-"""The published IH-CC hyperparameters, for reproducing the paper's setting.
+"""The hyperparameters of the published IH-CC PyTorch code, for reproducing its runs.
 
   python main.py --config=configs/paper.py --workdir=DIR --config.data.root=PHOTOS
 
 ResNet-34 at 224 px, batch 64, K = 150, alpha = 15, lambda = 1, Adam at 0.002 with no
 weight decay, halved every 15 epochs, 70 epochs, gradient clipping at 0.1, instance and
 cluster temperatures 0.5 and 1.0, colour-jitter strength 0.8, feature_dim 128, and the
-published per-image stick-breaking term and participant loss. Meant for an accelerator:
-at 224 px a ResNet-34 step is far too slow on a laptop CPU.
+published per-image stick-breaking term and participant loss (the reference forms in
+docs/method.md). Meant for an accelerator, because a ResNet-34 step at 224 px is far too
+slow on a CPU.
 """
 
 from configs import default

@@ -86,15 +86,18 @@ def run_one(name: str, config, root: str, manifest: str, steps: int) -> dict:
     workdir = os.path.join(
         _WORKDIR.value, "runs", f"{name}-{config.prior.kind}-s{config.seed}{suffix}"
     )
+
     config.data.synthetic.enabled = False
     config.data.root, config.data.manifest = root, manifest
     with open(manifest, encoding="utf-8") as f:
         num_images = sum(1 for _ in f) - 1
     set_epochs_for_steps(config, num_images, steps)
+
     start = time.time()
     train.train(config, workdir)
     summary = assign.assign(config, workdir)
     report = evaluate.evaluate(config, workdir)
+
     return {
         "data": name,
         "prior": config.prior.kind,

@@ -10,10 +10,10 @@ inside the type's palette, object placement and one large landmark shape. The
 environments therefore differ in layout and texture structure, which survives the
 colour jitter and grayscale of contrastive augmentation, and not only in colour.
 
-A photo is a view of its environment: the scene is rendered once on a canvas twice the
-photo size, then each photo takes a rotated, shifted and zoomed crop (so views of one
-environment overlap) and applies a brightness, contrast and colour-temperature change,
-an optional Gaussian blur and sensor noise. Only numpy and Pillow are used, and the
+A photo is a view of its environment. The scene is rendered once on a canvas twice the
+photo size. Each photo then takes a rotated, shifted and zoomed crop, so views of one
+environment overlap, and applies a brightness, contrast and colour-temperature change, an
+optional Gaussian blur and sensor noise. Only numpy and Pillow are used, and the
 output is a deterministic function of the arguments (for a fixed numpy and Pillow).
 """
 
