@@ -64,14 +64,25 @@ def get_config() -> ml_collections.ConfigDict:
     # Stick-breaking prior on cluster probabilities, subtracted from the loss as
     # weight * log-prior.
     config.prior = ml_collections.ConfigDict()
-    # "gem": truncated GEM(alpha) log-density of the mixture weights; "reference": the
-    # published per-image term; "none": no prior.
-    config.prior.kind = "gem"
+    # "dp": Dirichlet-process mixture: the GEM(alpha) prior with the weights integrated out
+    # (the partition probability of the training set) plus a von Mises-Fisher likelihood of
+    # the instance embeddings; "gem": truncated GEM(alpha) log-density of the mixture
+    # weights; "reference": the published per-image term; "none": no prior.
+    config.prior.kind = "dp"
     config.prior.alpha = 1.0  # Concentration: smaller values favour fewer clusters.
     config.prior.weight = 1.0  # lambda.
-    # Momentum of the running estimate of mixture weights across batches; 0 uses the batch
-    # mean alone.
+    # Concentration of the von Mises-Fisher likelihood ("dp" only): how far apart, on the
+    # unit sphere of instance embeddings, two groups must be to be worth two clusters.
+    config.prior.kappa = 5.0
+    # Momentum of the running estimates across batches (mixture weights and, for "dp", the
+    # other cluster statistics); 0 uses the batch alone.
     config.prior.ema_momentum = 0.9
+    # Schedule, as shares of the training steps: no prior for the first warmup_fraction,
+    # then over ramp_fraction the prior's weight rises linearly to prior.weight while the
+    # entropy weight moves to loss.entropy_weight * entropy_scale_end.
+    config.prior.warmup_fraction = 0.3
+    config.prior.ramp_fraction = 0.3
+    config.prior.entropy_scale_end = 0.0
 
     # Adam with L2 weight decay added to the gradient (as torch.optim.Adam), learning rate
     # halved every step_size epochs, global-norm gradient clipping.

@@ -28,6 +28,9 @@ def get_config():
     config.prior.alpha = 15.0
     config.prior.weight = 1.0
     config.prior.ema_momentum = 0.0
+    config.prior.warmup_fraction = 0.0
+    config.prior.ramp_fraction = 0.0
+    config.prior.entropy_scale_end = 1.0
     config.optim.learning_rate = 0.002
     config.optim.weight_decay = 0.0
     config.optim.step_size = 15

@@ -38,7 +38,7 @@ COHORTS = {
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for the cohorts and the runs.")
 _RESULTS = flags.DEFINE_string("results", None, "JSON-lines file that collects one line per run.")
 _COHORTS = flags.DEFINE_list("cohorts", list(COHORTS), f"Generated cohorts from {list(COHORTS)}.")
-_PRIORS = flags.DEFINE_list("priors", ["gem", "reference", "none"], "Values of prior.kind.")
+_PRIORS = flags.DEFINE_list("priors", ["dp", "gem", "reference", "none"], "Values of prior.kind.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
 _STEPS = flags.DEFINE_integer("steps", 240, "Train steps per run (the same budget for every run).")
 _PHOTOS_PER_ENV = flags.DEFINE_integer("photos_per_env", 16, "Photos per generated environment.")
@@ -63,13 +63,20 @@ def base_config(seed: int, prior: str):
         config.prior.ema_momentum = 0.0
     config.train.log_every_steps = 20
     config.train.checkpoint_every_epochs = 1000
+    if prior != "dp":
+        # The other priors were measured at a constant weight and entropy weight.
+        config.prior.warmup_fraction = 0.0
+        config.prior.ramp_fraction = 0.0
+        config.prior.entropy_scale_end = 1.0
     for item in _OVERRIDES.value:
         field, value = item.split("=", 1)
         node = config
         *parents, leaf = field.split(".")
         for parent in parents:
             node = node[parent]
-        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "True"
+        node[leaf] = (
+            type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "True"
+        )
     return config
 
 
@@ -130,6 +137,7 @@ def summarize(path: str) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (data, prior, overrides), runs in groups.items():
+
         def mean(get):
             values = [get(r) for r in runs if get(r) is not None]
             return f"{sum(values) / len(values):.3f}" if values else "-"
@@ -152,8 +160,9 @@ def done_keys(path: str) -> set:
     if not os.path.exists(path):
         return set()
     with open(path, encoding="utf-8") as f:
-        return {(r["data"], r["prior"], r["seed"], tuple(r["overrides"]))
-                for r in map(json.loads, f)}
+        return {
+            (r["data"], r["prior"], r["seed"], tuple(r["overrides"])) for r in map(json.loads, f)
+        }
 
 
 def main(argv):
@@ -176,11 +185,11 @@ def main(argv):
             image_size=demo.get_config().data.image_size,
             seed=0,
         )
-        datasets.append((name, os.path.join(os.path.dirname(manifest), "images"), manifest,
-                         _STEPS.value))
+        datasets.append(
+            (name, os.path.join(os.path.dirname(manifest), "images"), manifest, _STEPS.value)
+        )
     if _PHOTOS_MANIFEST.value:
-        datasets.append(("photos", _PHOTOS_ROOT.value, _PHOTOS_MANIFEST.value,
-                         _PHOTOS_STEPS.value))
+        datasets.append(("photos", _PHOTOS_ROOT.value, _PHOTOS_MANIFEST.value, _PHOTOS_STEPS.value))
 
     for name, root, manifest, steps in datasets:
         for prior in _PRIORS.value:

@@ -13,7 +13,7 @@ class ConfigError(ValueError):
 
 
 _CHOICES = {
-    ("prior", "kind"): ("gem", "reference", "none"),
+    ("prior", "kind"): ("gem", "dp", "reference", "none"),
     ("loss", "participant_form"): ("cross_entropy", "reference"),
     ("assign", "type_feature"): ("backbone", "instance"),
 }
@@ -64,6 +64,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if config.prior.alpha <= 0:
         raise ConfigError(f"Invalid prior.alpha={config.prior.alpha}; it must be > 0.")
+    for field in ("kappa", "warmup_fraction", "ramp_fraction", "entropy_scale_end"):
+        if config.prior[field] < 0:
+            raise ConfigError(f"Invalid prior.{field}={config.prior[field]}; it must be >= 0.")
+    if config.prior.warmup_fraction + config.prior.ramp_fraction > 1.0:
+        raise ConfigError(
+            f"Invalid prior.warmup_fraction={config.prior.warmup_fraction} with "
+            f"prior.ramp_fraction={config.prior.ramp_fraction}: together they are shares of "
+            "the training steps and must not exceed 1."
+        )
     if not -1.0 <= config.assign.type_threshold <= 1.0:
         raise ConfigError(
             f"Invalid assign.type_threshold={config.assign.type_threshold}; a cosine similarity "

@@ -35,8 +35,9 @@ class TrainState(train_state.TrainState):
     """Parameters, optimiser state and everything else a checkpoint must restore."""
 
     batch_stats: Any = None
-    # Running estimate of the mixture weights (mean cluster probability), length K.
-    mixture_ema: jax.Array | None = None
+    # Running means over the training set that the priors use: "weights", the mean cluster
+    # probability, and "log_empty", the mean of log(1 - cluster probability); each of length K.
+    cluster_stats: Any = None
 
 
 def create_model(config: ml_collections.ConfigDict, num_participants: int) -> models.IHCC:
@@ -92,20 +93,36 @@ def create_train_state(
         params=variables["params"],
         tx=create_optimizer(config, steps_per_epoch),
         batch_stats=variables["batch_stats"],
-        mixture_ema=jnp.full((config.model.class_num,), 1.0 / config.model.class_num, jnp.float32),
+        cluster_stats=initial_cluster_stats(config.model.class_num, config.model.feature_dim),
     )
+
+
+def initial_cluster_stats(num_clusters: int, feature_dim: int) -> dict[str, jax.Array]:
+    """Return the running cluster statistics of a model that assigns every image uniformly."""
+    return {
+        "weights": priors.initial_mixture_weights(num_clusters),
+        "log_empty": jnp.full((num_clusters,), jnp.log1p(-1.0 / num_clusters), jnp.float32),
+        "embedding_sums": jnp.zeros((num_clusters, feature_dim), jnp.float32),
+    }
 
 
 def compute_loss_terms(
     outputs: dict[str, jax.Array],
     participant_labels: jax.Array,
-    mixture_ema: jax.Array,
+    cluster_stats: dict[str, jax.Array],
     config: ml_collections.ConfigDict,
+    num_images: int | None = None,
+    progress=1.0,
 ):
     """Combine the IH-CC loss terms for the two views stacked along the batch axis.
 
+    `num_images` is the size of the training set, which the "dp" prior needs, and
+    `progress` the share of training done, in [0, 1], which sets the prior's schedule.
+
+    `cluster_stats` holds the running means that `initial_cluster_stats` starts.
+
     Returns:
-      (loss, (metrics, new_mixture_ema)).
+      (loss, (metrics, new_cluster_stats)).
     """
     batch_size = participant_labels.shape[0]
     z_i, z_j = outputs["z"][:batch_size], outputs["z"][batch_size:]
@@ -114,7 +131,8 @@ def compute_loss_terms(
 
     instance = losses.instance_loss(z_i, z_j, config.loss.instance_temperature)
     cluster, entropy = losses.cluster_loss(c_i, c_j, config.loss.cluster_temperature)
-    loss = instance + cluster + config.loss.entropy_weight * entropy
+    prior_scale, entropy_weight = prior_schedule(config, progress)
+    loss = instance + cluster + entropy_weight * entropy
     metrics = {"instance_loss": instance, "cluster_loss": cluster, "entropy_term": entropy}
 
     if "participant_logits" in outputs:
@@ -126,27 +144,76 @@ def compute_loss_terms(
         loss = loss + config.loss.participant_weight * participant
         metrics["participant_loss"] = participant
 
-    new_mixture_ema = mixture_ema
+    new_cluster_stats = cluster_stats
+    momentum = config.prior.ema_momentum
     if config.prior.kind == "reference":
         log_prior = priors.reference_stick_breaking(probs, config.prior.alpha)
     elif config.prior.kind == "gem":
-        weights, new_mixture_ema = priors.mixture_weights(
-            probs, mixture_ema, config.prior.ema_momentum
-        )
+        weights, new_weights = priors.mixture_weights(probs, cluster_stats["weights"], momentum)
+        new_cluster_stats = {**cluster_stats, "weights": new_weights}
         log_prior = priors.gem_log_prior(weights, config.prior.alpha)
+    elif config.prior.kind == "dp":
+        if num_images is None:
+            raise ValueError("prior.kind='dp' needs num_images, the size of the training set.")
+        weights, new_weights = priors.mixture_weights(
+            probs, cluster_stats["weights"], momentum, full_gradient=True
+        )
+        log_empty, new_log_empty = priors.running_mean(
+            priors.log_one_minus(probs), cluster_stats["log_empty"], momentum, full_gradient=True
+        )
+        # Embeddings enter the likelihood as data: it moves the cluster head, not the features.
+        z = jax.lax.stop_gradient(outputs["z"].astype(jnp.float32))
+        mean_sums, new_mean_sums = priors.blend_running_mean(
+            probs.T @ z / probs.shape[0],
+            cluster_stats["embedding_sums"],
+            momentum,
+            full_gradient=True,
+        )
+        new_cluster_stats = {
+            "weights": new_weights,
+            "log_empty": new_log_empty,
+            "embedding_sums": new_mean_sums,
+        }
+        log_prior = priors.dp_log_partition(weights, config.prior.alpha, num_images, log_empty)
+        log_likelihood = priors.vmf_log_likelihood(mean_sums, config.prior.kappa)
+        metrics["log_likelihood"] = log_likelihood
+        log_prior = log_prior + log_likelihood
     elif config.prior.kind == "none":
         log_prior = jnp.zeros((), jnp.float32)
     else:
         raise ValueError(
-            f"Invalid prior.kind {config.prior.kind!r}; use 'gem', 'reference' or 'none'."
+            f"Invalid prior.kind {config.prior.kind!r}; use 'gem', 'dp', 'reference' or 'none'."
         )
-    loss = loss - config.prior.weight * log_prior
+    loss = loss - prior_scale * config.prior.weight * log_prior
     metrics["log_prior"] = log_prior
+    metrics["prior_scale"] = jnp.asarray(prior_scale, jnp.float32)
     metrics["loss"] = loss
     metrics["occupied_in_batch"] = jnp.sum(
         jnp.any(jax.nn.one_hot(jnp.argmax(c_i, -1), probs.shape[-1]) > 0, axis=0)
     )
-    return loss, (metrics, new_mixture_ema)
+    return loss, (metrics, new_cluster_stats)
+
+
+def prior_schedule(config: ml_collections.ConfigDict, progress):
+    """Return (prior scale, entropy weight) at `progress`, the share of training done.
+
+    The prior is off for the first `prior.warmup_fraction` of training, then its scale
+    rises linearly from 0 to 1 over the next `prior.ramp_fraction`, while the entropy
+    weight moves from `loss.entropy_weight` to `loss.entropy_weight` times
+    `prior.entropy_scale_end`. With both fractions 0 the prior and the entropy weight are
+    constant.
+    """
+    warmup = config.prior.warmup_fraction
+    ramp = config.prior.ramp_fraction
+    entropy_end = config.loss.entropy_weight * config.prior.entropy_scale_end
+    if warmup == 0.0 and ramp == 0.0:
+        return 1.0, config.loss.entropy_weight
+    progress = jnp.asarray(progress, jnp.float32)
+    if ramp > 0.0:
+        scale = jnp.clip((progress - warmup) / ramp, 0.0, 1.0)
+    else:
+        scale = (progress >= warmup).astype(jnp.float32)
+    return scale, config.loss.entropy_weight + (entropy_end - config.loss.entropy_weight) * scale
 
 
 def make_views(rng: jax.Array, images: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
@@ -170,11 +237,13 @@ def loss_and_grads(
     participant_labels: jax.Array,
     rng: jax.Array,
     config: ml_collections.ConfigDict,
+    num_images: int | None = None,
+    progress=1.0,
 ):
     """Return the gradients of the IH-CC loss on one batch and everything the step needs.
 
     Returns:
-      (grads, metrics, new_mixture_ema, new_batch_stats, cluster_logits of both views).
+      (grads, metrics, new_cluster_stats, new_batch_stats, cluster_logits of both views).
     """
     views = make_views(rng, images, config)
 
@@ -185,13 +254,15 @@ def loss_and_grads(
             train=True,
             mutable=["batch_stats"],
         )
-        loss, aux = compute_loss_terms(outputs, participant_labels, state.mixture_ema, config)
+        loss, aux = compute_loss_terms(
+            outputs, participant_labels, state.cluster_stats, config, num_images, progress
+        )
         return loss, (aux, model_state, outputs["cluster_logits"])
 
-    grads, ((metrics, mixture_ema), model_state, cluster_logits) = jax.grad(loss_fn, has_aux=True)(
-        state.params
-    )
-    return grads, metrics, mixture_ema, model_state["batch_stats"], cluster_logits
+    grads, ((metrics, cluster_stats), model_state, cluster_logits) = jax.grad(
+        loss_fn, has_aux=True
+    )(state.params)
+    return grads, metrics, cluster_stats, model_state["batch_stats"], cluster_logits
 
 
 def train_step(
@@ -201,6 +272,8 @@ def train_step(
     base_rng: jax.Array,
     *,
     config: ml_collections.ConfigDict,
+    num_images: int | None = None,
+    total_steps: int | None = None,
 ):
     """Run one optimisation step on a global batch of uint8 images.
 
@@ -213,10 +286,13 @@ def train_step(
       (first view) have cluster k as their argmax.
     """
     rng = jax.random.fold_in(base_rng, state.step)
-    grads, metrics, mixture_ema, batch_stats, cluster_logits = loss_and_grads(
-        state, images, participant_labels, rng, config
+    progress = 1.0 if not total_steps else state.step / total_steps
+    grads, metrics, cluster_stats, batch_stats, cluster_logits = loss_and_grads(
+        state, images, participant_labels, rng, config, num_images, progress
     )
-    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats, mixture_ema=mixture_ema)
+    new_state = state.apply_gradients(
+        grads=grads, batch_stats=batch_stats, cluster_stats=cluster_stats
+    )
     metrics["grad_norm"] = optax.tree.norm(grads)
     batch_size = images.shape[0]
     cluster_counts = jnp.sum(
@@ -226,8 +302,17 @@ def train_step(
     return new_state, metrics, cluster_counts
 
 
-def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-    """Return the jitted train step for `mesh`: replicated state, batch sharded over devices."""
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    num_images: int | None = None,
+    total_steps: int | None = None,
+):
+    """Return the jitted train step for `mesh`: replicated state, batch sharded over devices.
+
+    `num_images`, the size of the training set, is needed by the "dp" prior, and
+    `total_steps` by the prior's warm-up and ramp.
+    """
     # The key is an argument rather than a constant of the program, so runs that differ only
     # in their seed share one compiled step.
     base_rng = jax.device_put(
@@ -235,7 +320,9 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     )
     replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     jitted = jax.jit(
-        functools.partial(train_step, config=config),
+        functools.partial(
+            train_step, config=config, num_images=num_images, total_steps=total_steps
+        ),
         in_shardings=(replicated, sharded, sharded, replicated),
         out_shardings=(replicated, replicated, replicated),
         donate_argnums=(0,),
@@ -396,7 +483,7 @@ def train(
             )
         logging.info("Resumed from checkpoint step %d.", int(state.step))
 
-    step_fn = make_train_step(config, mesh)
+    step_fn = make_train_step(config, mesh, num_images, total_steps)
     schedule = learning_rate_schedule(config, steps_per_epoch)
     writer = MetricsWriter(workdir)
     rows = parallel.process_slice(global_batch)

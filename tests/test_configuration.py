@@ -20,6 +20,8 @@ from conftest import tiny_config
         ("train", "batch_size", 0),
         ("prior", "ema_momentum", 1.0),
         ("prior", "alpha", 0.0),
+        ("prior", "kappa", -1.0),
+        ("prior", "warmup_fraction", 0.8),
         ("assign", "type_threshold", 1.5),
     ],
 )

@@ -1,5 +1,7 @@
 """Tests for ihcc.priors: reference fixtures, GEM density checks and finiteness properties."""
 
+import itertools
+import math
 from pathlib import Path
 
 import jax
@@ -12,7 +14,9 @@ from scipy import stats
 
 from ihcc import priors
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "reference_losses.npz"
+FIXTURES = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "reference_losses.npz"
+)
 
 
 def _stick_breaking_cases():
@@ -32,6 +36,7 @@ def reference():
 
 reference_value_and_grad = jax.jit(jax.value_and_grad(priors.reference_stick_breaking))
 gem_value_and_grad = jax.jit(jax.value_and_grad(priors.gem_log_prior), static_argnames=("sort",))
+dp_value_and_grad = jax.jit(jax.value_and_grad(priors.dp_log_partition))
 
 
 @pytest.mark.parametrize("case", _stick_breaking_cases())
@@ -145,7 +150,10 @@ def test_gem_margin_decreases_with_alpha():
     concentrated, spread = _concentrated_and_spread(num_clusters=10, occupied=3)
     alphas = [0.1, 0.5, 1.0, 5.0, 20.0, 50.0]
 
-    margins = [float(priors.gem_log_prior(concentrated, a) - priors.gem_log_prior(spread, a)) for a in alphas]
+    margins = [
+        float(priors.gem_log_prior(concentrated, a) - priors.gem_log_prior(spread, a))
+        for a in alphas
+    ]
 
     assert all(later < earlier for earlier, later in zip(margins, margins[1:]))
 
@@ -166,10 +174,16 @@ def test_sampled_gem_occupancy_matches_dp(alpha):
     # Truncating at 100 sticks leaves an expected tail mass of (alpha / (1 + alpha))^99, at
     # most 2e-8 for these alphas.
     num_draws, replicates, num_clusters = 400, 300, 100
-    weights = np.asarray(priors.sample_gem(jax.random.PRNGKey(7), alpha, num_clusters, replicates), np.float64)
+    weights = np.asarray(
+        priors.sample_gem(jax.random.PRNGKey(7), alpha, num_clusters, replicates), np.float64
+    )
     rng = np.random.default_rng(8)
     occupied = np.array(
-        [len(np.unique(rng.choice(num_clusters, size=num_draws, p=row / row.sum()))) for row in weights], np.float64
+        [
+            len(np.unique(rng.choice(num_clusters, size=num_draws, p=row / row.sum())))
+            for row in weights
+        ],
+        np.float64,
     )
 
     expected = priors.expected_occupied_clusters(alpha, num_draws)
@@ -179,10 +193,84 @@ def test_sampled_gem_occupancy_matches_dp(alpha):
     assert abs(occupied.mean() - expected) < 4 * standard_error + 0.02 * expected
 
 
+def _dirichlet_multinomial_partitions(alpha, num_clusters, num_items):
+    """Enumerate every labelling of num_items items; return (probability, occupied) pairs."""
+    out = []
+    for labels in itertools.product(range(num_clusters), repeat=num_items):
+        counts = np.bincount(labels, minlength=num_clusters)
+        weights = jnp.asarray(counts / num_items, jnp.float32)
+        log_p = float(priors.dp_log_partition(weights, alpha, num_items)) * num_items
+        out.append((np.exp(log_p), int(np.count_nonzero(counts))))
+    return out
+
+
+@pytest.mark.parametrize("alpha", [0.3, 1.0, 5.0])
+def test_dp_partition_is_a_distribution_whose_occupancy_follows_alpha(alpha):
+    num_clusters, num_items = 4, 5
+    share = alpha / num_clusters
+
+    table = _dirichlet_multinomial_partitions(alpha, num_clusters, num_items)
+    total = sum(p for p, _ in table)
+    occupied = sum(p * k for p, k in table)
+
+    # Under a symmetric Dirichlet(alpha / K) prior a given cluster stays empty with
+    # probability G(alpha) G(alpha - a + N) / (G(alpha - a) G(alpha + N)).
+    log_empty = (
+        math.lgamma(alpha)
+        + math.lgamma(alpha - share + num_items)
+        - math.lgamma(alpha - share)
+        - math.lgamma(alpha + num_items)
+    )
+    assert total == pytest.approx(1.0, abs=1e-5)
+    assert occupied == pytest.approx(num_clusters * (1.0 - math.exp(log_empty)), rel=1e-5)
+
+
+def test_dp_partition_tends_to_the_chinese_restaurant_process():
+    # For K much larger than the number of occupied clusters the finite form approaches
+    # alpha^K+ G(alpha) / G(alpha + N) prod_k G(n_k).
+    alpha, num_items = 2.0, 40
+    counts = np.array([20, 12, 8] + [0] * 9997, np.float32)
+    crp = (
+        3 * math.log(alpha)
+        + math.lgamma(alpha)
+        - math.lgamma(alpha + num_items)
+        + sum(math.lgamma(n) for n in (20, 12, 8))
+    ) / num_items
+
+    value = priors.dp_log_partition(jnp.asarray(counts / num_items), alpha, num_items)
+
+    # Each occupied cluster carries an extra log(1 / K) in the finite form.
+    assert float(value) == pytest.approx(crp - 3 * math.log(counts.size) / num_items, rel=1e-4)
+
+
+def test_dp_partition_cost_of_a_cluster_is_set_by_alpha():
+    # Splitting 10 items off a cluster of 40 gains log(alpha / K) + the gamma terms; the
+    # gain grows with alpha by exactly log(alpha_2 / alpha_1) per item count.
+    def split_gain(alpha):
+        one = jnp.zeros(5000).at[0].set(1.0)
+        two = jnp.zeros(5000).at[0].set(0.75).at[1].set(0.25)
+        return (
+            float(priors.dp_log_partition(two, alpha, 40) - priors.dp_log_partition(one, alpha, 40))
+            * 40
+        )
+
+    assert split_gain(0.1) < split_gain(1.0) < split_gain(10.0)
+    assert split_gain(10.0) - split_gain(1.0) == pytest.approx(math.log(10.0), rel=0.02)
+
+
+def test_dp_partition_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="num_items"):
+        priors.dp_log_partition(jnp.full((3,), 1.0 / 3), 1.0, 0)
+    with pytest.raises(ValueError, match="1-D"):
+        priors.dp_log_partition(jnp.full((2, 3), 1.0 / 3), 1.0, 10)
+
+
 def test_expected_occupied_clusters_asymptotics():
     # The exact DP expectation approaches alpha * log(1 + n / alpha) for alpha >= 1.
     assert priors.expected_occupied_clusters(1.0, 1) == 1.0
-    assert priors.expected_occupied_clusters(5.0, 400) == pytest.approx(5.0 * np.log(1 + 400 / 5.0), rel=0.05)
+    assert priors.expected_occupied_clusters(5.0, 400) == pytest.approx(
+        5.0 * np.log(1 + 400 / 5.0), rel=0.05
+    )
     assert priors.expected_occupied_clusters(0.5, 400) > priors.expected_occupied_clusters(0.1, 400)
 
 
@@ -202,6 +290,24 @@ def test_mixture_weights_gradient_through_batch_only():
     np.testing.assert_allclose(new_ema, weights, rtol=0)
     np.testing.assert_allclose(grad_probs, np.tile(0.25 * target / 2, (2, 1)), rtol=1e-6)
     np.testing.assert_array_equal(grad_ema, np.zeros(3))
+
+
+def test_mixture_weights_full_gradient_keeps_the_running_value():
+    batch_probs = jnp.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], jnp.float32)
+    ema = jnp.array([0.2, 0.3, 0.5], jnp.float32)
+    target = jnp.array([1.0, 2.0, 3.0], jnp.float32)
+
+    def objective(probs):
+        weights, _ = priors.mixture_weights(probs, ema, 0.75, full_gradient=True)
+        return jnp.dot(weights, target)
+
+    weights, new_ema = priors.mixture_weights(batch_probs, ema, 0.75, full_gradient=True)
+
+    np.testing.assert_allclose(weights, 0.75 * ema + 0.25 * batch_probs.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(new_ema, weights, rtol=1e-6)
+    np.testing.assert_allclose(
+        jax.grad(objective)(batch_probs), np.tile(target / 2, (2, 1)), rtol=1e-6
+    )
 
 
 def test_mixture_weights_zero_momentum_is_batch_mean():
@@ -273,4 +379,39 @@ def test_gem_log_prior_always_finite(num_clusters, alpha, kind, sort, seed):
     value, grad = gem_value_and_grad(weights, np.float32(alpha), sort=sort)
 
     assert np.isfinite(float(value))
+    assert np.all(np.isfinite(np.asarray(grad)))
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    num_clusters=CLUSTER_COUNTS,
+    alpha=ALPHAS,
+    kind=KINDS,
+    num_items=st.sampled_from([1, 64, 100000]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_dp_log_partition_always_finite(num_clusters, alpha, kind, num_items, seed):
+    weights = _assignments(kind, 1, num_clusters, seed)[0]
+
+    value, grad = dp_value_and_grad(weights, np.float32(alpha), np.float32(num_items))
+
+    assert np.isfinite(float(value))
+    assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_vmf_likelihood_rewards_splitting_only_distinct_directions():
+    east = np.array([1.0, 0.0], np.float32)
+    north = np.array([0.0, 1.0], np.float32)
+    # Four items, two pointing east and two north, as (1/N) sum_i c_ik z_i for K = 2.
+    one_cluster = np.stack([(2 * east + 2 * north) / 4, np.zeros(2, np.float32)])
+    split_by_direction = np.stack([2 * east / 4, 2 * north / 4])
+    split_each_direction_in_half = np.stack([(east + north) / 4, (east + north) / 4])
+
+    def value(sums):
+        return float(priors.vmf_log_likelihood(jnp.asarray(sums), 3.0))
+
+    assert value(one_cluster) == pytest.approx(3.0 * np.sqrt(2.0) / 2, rel=1e-6)
+    assert value(split_by_direction) == pytest.approx(3.0, rel=1e-6)
+    assert value(split_each_direction_in_half) == pytest.approx(value(one_cluster), rel=1e-6)
+    grad = jax.grad(lambda s: priors.vmf_log_likelihood(s, 3.0))(jnp.zeros((3, 2)))
     assert np.all(np.isfinite(np.asarray(grad)))

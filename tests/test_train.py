@@ -45,7 +45,9 @@ def run_on_mesh(config, mesh, images, labels):
     state = jax.device_put(state, parallel.replicated(mesh))
     replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     grads_fn = jax.jit(
-        lambda s, x, y: train.loss_and_grads(s, x, y, jax.random.key(3), config)[:4],
+        lambda s, x, y: train.loss_and_grads(
+            s, x, y, jax.random.key(3), config, num_images=16, progress=0.5
+        )[:4],
         in_shardings=(replicated, sharded, sharded),
         out_shardings=replicated,
     )
@@ -90,7 +92,7 @@ def test_step_updates_params_compiles_once():
     state = train.create_train_state(jax.random.key(0), config, 2, steps_per_epoch=4)
     before = jax.device_get(state.params)
     state = jax.device_put(state, parallel.replicated(mesh))
-    step = train.make_train_step(config, mesh)
+    step = train.make_train_step(config, mesh, num_images=16, total_steps=4)
     state, metrics, _ = step(state, *parallel.shard_batch((images, labels), mesh))
     after = jax.device_get(state.params)
     state, _, _ = step(state, *parallel.shard_batch((images, labels), mesh))
@@ -103,7 +105,7 @@ def test_step_updates_params_compiles_once():
     assert 1 <= int(metrics["occupied_in_batch"]) <= config.model.class_num
 
 
-@pytest.mark.parametrize("prior_kind", ["gem", "reference", "none"])
+@pytest.mark.parametrize("prior_kind", ["dp", "gem", "reference", "none"])
 def test_loss_terms_finite_for_each_prior(prior_kind):
     config = tiny_config()
     config.prior.kind = prior_kind
@@ -118,12 +120,12 @@ def test_loss_terms_finite_for_each_prior(prior_kind):
     }
     outputs["z"] = outputs["z"] / jax.numpy.linalg.norm(outputs["z"], axis=1, keepdims=True)
     labels = jax.numpy.asarray(np.arange(batch) % 3, dtype=np.int32)
-    ema = jax.numpy.full((k,), 1.0 / k)
+    ema = train.initial_cluster_stats(k, 4)
 
     def loss_of(logits):
-        return train.compute_loss_terms({**outputs, "cluster_logits": logits}, labels, ema, config)[
-            0
-        ]
+        return train.compute_loss_terms(
+            {**outputs, "cluster_logits": logits}, labels, ema, config, num_images=100
+        )[0]
 
     loss, grad = jax.value_and_grad(loss_of)(outputs["cluster_logits"])
     assert np.isfinite(float(loss))
@@ -131,6 +133,60 @@ def test_loss_terms_finite_for_each_prior(prior_kind):
     if prior_kind == "none":
         _, (metrics, _) = train.compute_loss_terms(outputs, labels, ema, config)
         assert float(metrics["log_prior"]) == 0.0
+    if prior_kind == "dp":
+        with pytest.raises(ValueError, match="num_images"):
+            train.compute_loss_terms(outputs, labels, ema, config)
+
+
+def test_prior_schedule_warms_up_then_ramps():
+    config = tiny_config()
+    config.loss.entropy_weight = 2.0
+    config.prior.warmup_fraction = 0.2
+    config.prior.ramp_fraction = 0.4
+    config.prior.entropy_scale_end = 0.25
+
+    values = [train.prior_schedule(config, p) for p in (0.0, 0.2, 0.4, 0.6, 1.0)]
+
+    np.testing.assert_allclose([float(v[0]) for v in values], [0.0, 0.0, 0.5, 1.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose([float(v[1]) for v in values], [2.0, 2.0, 1.25, 0.5, 0.5], atol=1e-6)
+
+    config.prior.ramp_fraction = 0.0
+    assert [float(train.prior_schedule(config, p)[0]) for p in (0.1, 0.2, 0.9)] == [0.0, 1.0, 1.0]
+    config.prior.warmup_fraction = 0.0
+    assert train.prior_schedule(config, 0.0) == (1.0, 2.0)
+
+
+def test_dp_prior_is_off_during_warmup():
+    config = tiny_config()
+    k = config.model.class_num
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(8, config.model.feature_dim)).astype(np.float32)
+    outputs = {
+        "z": jax.numpy.asarray(z / np.linalg.norm(z, axis=1, keepdims=True)),
+        "cluster_logits": jax.numpy.asarray(rng.normal(size=(8, k)).astype(np.float32)),
+    }
+    labels = jax.numpy.zeros((4,), np.int32)
+    stats = train.initial_cluster_stats(k, config.model.feature_dim)
+
+    def loss_at(progress):
+        loss, (metrics, new_stats) = train.compute_loss_terms(
+            outputs, labels, stats, config, num_images=50, progress=progress
+        )
+        return float(loss), metrics, new_stats
+
+    early, early_metrics, early_stats = loss_at(0.1)
+    late, late_metrics, _ = loss_at(1.0)
+
+    terms = ["instance_loss", "cluster_loss"]
+    base = sum(float(early_metrics[t]) for t in terms)
+    assert early == pytest.approx(
+        base + config.loss.entropy_weight * float(early_metrics["entropy_term"]), rel=1e-5
+    )
+    assert late == pytest.approx(
+        base - config.prior.weight * float(late_metrics["log_prior"]), rel=1e-5
+    )
+    # The running statistics are updated during the warm-up, ready for when the prior starts.
+    assert not np.allclose(early_stats["weights"], stats["weights"])
 
 
 def test_unknown_prior_kind_raises():
@@ -140,7 +196,7 @@ def test_unknown_prior_kind_raises():
     outputs = {"z": jax.numpy.ones((4, 4)) / 2, "cluster_logits": jax.numpy.zeros((4, k))}
     with pytest.raises(ValueError, match="prior.kind"):
         train.compute_loss_terms(
-            outputs, jax.numpy.zeros((2,), int), jax.numpy.ones((k,)) / k, config
+            outputs, jax.numpy.zeros((2,), int), train.initial_cluster_stats(k, 4), config
         )
 
 
@@ -160,8 +216,10 @@ def test_resume_equals_uninterrupted(tmp_path):
         jax.device_get(straight.params),
         jax.device_get(resumed.params),
     )
-    np.testing.assert_allclose(
-        jax.device_get(straight.mixture_ema), jax.device_get(resumed.mixture_ema), rtol=1e-6
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+        jax.device_get(straight.cluster_stats),
+        jax.device_get(resumed.cluster_stats),
     )
 
     with open(os.path.join(interrupted_dir, "metrics.jsonl")) as f:
