@@ -3,7 +3,7 @@
   python main.py --config=configs/photos.py --workdir=DIR \\
       --config.data.root=PHOTOS [--config.data.manifest=labels.csv]
 
-ResNet-18 at 64 px, K = 150 under the GEM prior. See docs/results.md for what it scored
+ResNet-18 at 64 px, K = 150 under the default `dp` prior. See docs/results.md for what it scored
 on a real 2,378-image set and how long it took.
 """
 

@@ -136,7 +136,21 @@ def summarize(path: str) -> str:
         "occupied clusters | env NMI | env ARI | within NMI | within ARI | type NMI | type ARI |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (data, prior, overrides), runs in groups.items():
+    data_order = [*COHORTS, "photos"]
+    prior_order = ["dp", "gem", "reference", "none"]
+
+    def row_order(key):
+        data, prior, overrides = key
+        return (
+            bool(overrides),
+            data_order.index(data) if data in data_order else len(data_order),
+            prior_order.index(prior) if prior in prior_order else len(prior_order),
+            overrides,
+        )
+
+    # Runs without overrides first, then by data set and prior.
+    for data, prior, overrides in sorted(groups, key=row_order):
+        runs = groups[(data, prior, overrides)]
 
         def mean(get):
             values = [get(r) for r in runs if get(r) is not None]
