@@ -276,7 +276,8 @@ def blend_running_mean(
     """Mix a batch mean of any shape into its moving average; see `running_mean`."""
     if ema.shape != batch_mean.shape:
         raise ValueError(
-            f"the running mean has shape {ema.shape} but the batch mean {batch_mean.shape}."
+            f"the running mean has shape {ema.shape} but the batch mean {batch_mean.shape}; "
+            "start the running mean from an array of the batch mean's shape."
         )
     value = (
         momentum * jax.lax.stop_gradient(ema.astype(jnp.float32)) + (1.0 - momentum) * batch_mean
@@ -290,7 +291,7 @@ def blend_running_mean(
 def vmf_log_likelihood(mean_sums: jax.Array, kappa) -> jax.Array:
     """Return the von Mises-Fisher log-likelihood per item of embeddings under soft clusters.
 
-    `mean_sums` [K, D] holds (1/N) sum_i c_ik z_i for unit embeddings z_i and soft
+    `mean_sums` [K, D] contains (1/N) sum_i c_ik z_i for unit embeddings z_i and soft
     assignments c. With each cluster's mean direction set to its maximum-likelihood value
     mu_k = S_k / |S_k|, the log-likelihood sum_i sum_k c_ik kappa mu_k . z_i equals
     kappa sum_k |S_k|; divided by N this is kappa sum_k |mean_sums_k|. The vMF normaliser is
@@ -308,8 +309,8 @@ def mixture_weights(
     """Estimate the mixture weights from the global batch and a moving average.
 
     `batch_probs` is [N, K] soft assignments (pass both views stacked to use both) and
-    `ema_weights` [K] the moving average from the previous step; `running_mean` says how
-    they combine and where the gradient flows.
+    `ema_weights` [K] the moving average from the previous step; `running_mean` describes
+    how they combine and where the gradient flows.
     """
     return running_mean(batch_probs, ema_weights, momentum, full_gradient=full_gradient)
 

@@ -19,6 +19,7 @@ from flax import struct
 from flax.training import train_state
 
 from ihcc import augment as augment_lib
+from ihcc import configuration
 from ihcc import data as data_lib
 from ihcc import losses
 from ihcc import models
@@ -35,8 +36,9 @@ class TrainState(train_state.TrainState):
     """Parameters, optimiser state and everything else a checkpoint must restore."""
 
     batch_stats: Any = None
-    # Running means over the training set that the priors use: "weights", the mean cluster
-    # probability, and "log_empty", the mean of log(1 - cluster probability); each of length K.
+    # Running means over the training set that the priors use, each per cluster: "weights"
+    # (mean cluster probability), "log_empty" (mean of log(1 - cluster probability)) and
+    # "embedding_sums" (mean of cluster probability times instance embedding, [K, D]).
     cluster_stats: Any = None
 
 
@@ -353,12 +355,22 @@ def restore_checkpoint(
     """Restore `state` (whose shapes and shardings are the target) from a checkpoint step."""
     step = manager.latest_step() if step is None else step
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-        ),
-    )
+    try:
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+            ),
+        )
+    except ValueError as error:
+        if "mixture_ema" not in str(error):
+            raise
+        raise configuration.ConfigError(
+            f"The checkpoint at step {step} in {manager.directory} was written by an earlier "
+            "version of ihcc, which kept only the mixture weights (mixture_ema) and not the "
+            "cluster statistics this version saves (cluster_stats). Train again in a new "
+            "--workdir."
+        ) from error
     return restored["state"], dict(restored["meta"])
 
 

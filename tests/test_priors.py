@@ -205,7 +205,7 @@ def _dirichlet_multinomial_partitions(alpha, num_clusters, num_items):
 
 
 @pytest.mark.parametrize("alpha", [0.3, 1.0, 5.0])
-def test_dp_partition_is_a_distribution_whose_occupancy_follows_alpha(alpha):
+def test_dp_partition_exact_on_enumeration(alpha):
     num_clusters, num_items = 4, 5
     share = alpha / num_clusters
 
@@ -225,7 +225,7 @@ def test_dp_partition_is_a_distribution_whose_occupancy_follows_alpha(alpha):
     assert occupied == pytest.approx(num_clusters * (1.0 - math.exp(log_empty)), rel=1e-5)
 
 
-def test_dp_partition_tends_to_the_chinese_restaurant_process():
+def test_dp_partition_large_k_limit():
     # For K much larger than the number of occupied clusters the finite form approaches
     # alpha^K+ G(alpha) / G(alpha + N) prod_k G(n_k).
     alpha, num_items = 2.0, 40

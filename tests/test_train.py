@@ -242,3 +242,29 @@ def test_batch_not_divisible_by_devices_raises(tmp_path):
     config.train.batch_size = 6
     with pytest.raises(ValueError, match="divisible"):
         train.train(config, str(tmp_path), make_dataset(config))
+
+
+def test_restore_rejects_checkpoint_without_cluster_stats(tmp_path):
+    from ihcc import configuration
+
+    config = tiny_config()
+    state = train.create_train_state(jax.random.key(0), config, 2, steps_per_epoch=2)
+    # A checkpoint in the earlier layout: the mixture weights alone, under mixture_ema.
+    old_layout = {
+        "step": state.step,
+        "params": state.params,
+        "opt_state": state.opt_state,
+        "batch_stats": state.batch_stats,
+        "mixture_ema": state.cluster_stats["weights"],
+    }
+    manager = train.checkpoint_manager(str(tmp_path), config)
+    manager.save(
+        0,
+        args=train.ocp.args.Composite(
+            state=train.ocp.args.StandardSave(old_layout), meta=train.ocp.args.JsonSave({})
+        ),
+    )
+    manager.wait_until_finished()
+
+    with pytest.raises(configuration.ConfigError, match="new --workdir"):
+        train.restore_checkpoint(manager, state)
