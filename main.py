@@ -96,7 +96,7 @@ def main(argv):
         raise app.UsageError("--workdir is required for --mode=" + FLAGS.mode)
     workdir = FLAGS.workdir
     try:
-        configuration.check_workdir(config, workdir)
+        configuration.check_workdir(config, workdir, training=FLAGS.mode in ("train", "all"))
         if FLAGS.mode in ("train", "all"):
             _save_config(config, workdir)
             train.train(config, workdir)

@@ -230,7 +230,7 @@ def assign(config: ml_collections.ConfigDict, workdir: str) -> dict:
         os.path.join(out_dir, "features.npz"),
         features=features,
         probs=probs,
-        paths=np.asarray([r.path for r in images.records], dtype=object),
+        paths=np.asarray([r.path for r in images.records], dtype=str),
     )
 
     summary = _summarise(config, step, participants, clusters, environments, type_of, images)

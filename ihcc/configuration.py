@@ -85,8 +85,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Raise ConfigError if `workdir` contains a run whose model or image size differ from `config`."""
+# Groups and fields that define the training objective and its data order. A run resumed
+# with other values would mix two objectives, and its config.json would name only the second.
+_TRAINING_GROUPS = ("loss", "prior", "augment", "optim")
+_TRAINING_FIELDS = (("train", "batch_size"),)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str, training: bool = False) -> None:
+    """Raise ConfigError if `workdir` contains a run that `config` does not fit.
+
+    The model and image size must always match. With training=True (train or resume), the
+    seed, the loss, prior, augmentation and optimiser settings and the batch size must match
+    too; train.num_epochs may change, which stretches or shortens the prior's schedule.
+    """
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(
             f"--workdir={workdir} is a file; give a folder (it is created if missing)."
@@ -103,4 +124,22 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
             raise ConfigError(
                 f"{workdir} contains a run trained with {group}.{field}={before!r}, but the config "
                 f"sets {now!r}; use a new --workdir, or keep {group}.{field}={before!r}."
+            )
+    if not training:
+        return
+    saved_flat = _flatten(saved)
+    current_flat = _flatten(config.to_dict())
+    names = ["seed"] + [f"{group}.{field}" for group, field in _TRAINING_FIELDS]
+    names += sorted(
+        name
+        for name in set(saved_flat) | set(current_flat)
+        if name.split(".", 1)[0] in _TRAINING_GROUPS
+    )
+    for name in names:
+        before, now = saved_flat.get(name), current_flat.get(name)
+        if name in saved_flat and before != now:
+            raise ConfigError(
+                f"{workdir} contains a run trained with {name}={before!r}, but the config sets "
+                f"{now!r}, so resuming would mix two training setups; use a new --workdir, or "
+                f"keep {name}={before!r}."
             )

@@ -92,7 +92,7 @@ def _baselines(config, out_dir, known, participants, true_env) -> dict:
     trivial = np.asarray(metrics.trivial_participant_labelling(participants), dtype=object)
     result = {"one_environment_per_participant": _level_scores(true_env, trivial, participants)}
 
-    saved = np.load(os.path.join(out_dir, "features.npz"), allow_pickle=True)
+    saved = np.load(os.path.join(out_dir, "features.npz"))
     row_of = {p: i for i, p in enumerate(saved["paths"])}
     features = saved["features"][[row_of[r["path"]] for r in known]]
     true_per_participant = {p: len(set(true_env[participants == p])) for p in set(participants)}

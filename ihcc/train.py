@@ -202,14 +202,14 @@ def prior_schedule(config: ml_collections.ConfigDict, progress):
     The prior is off for the first `prior.warmup_fraction` of training, then its scale
     rises linearly from 0 to 1 over the next `prior.ramp_fraction`, while the entropy
     weight moves from `loss.entropy_weight` to `loss.entropy_weight` times
-    `prior.entropy_scale_end`. With both fractions 0 the prior and the entropy weight are
-    constant.
+    `prior.entropy_scale_end`. With both fractions 0 the prior is on from the first step
+    and the entropy weight is the end value throughout.
     """
     warmup = config.prior.warmup_fraction
     ramp = config.prior.ramp_fraction
     entropy_end = config.loss.entropy_weight * config.prior.entropy_scale_end
     if warmup == 0.0 and ramp == 0.0:
-        return 1.0, config.loss.entropy_weight
+        return 1.0, entropy_end
     progress = jnp.asarray(progress, jnp.float32)
     if ramp > 0.0:
         scale = jnp.clip((progress - warmup) / ramp, 0.0, 1.0)
@@ -484,6 +484,7 @@ def train(
         "steps_per_epoch": steps_per_epoch,
         "participants": dataset.participants,
     }
+    saved_counts = None
     if manager.latest_step() is not None:
         state, saved_meta = restore_checkpoint(manager, state)
         if saved_meta.get("num_images") != num_images:
@@ -494,6 +495,7 @@ def train(
                 num_images,
             )
         logging.info("Resumed from checkpoint step %d.", int(state.step))
+        saved_counts = saved_meta.get("epoch_cluster_counts")
 
     step_fn = make_train_step(config, mesh, num_images, total_steps)
     schedule = learning_rate_schedule(config, steps_per_epoch)
@@ -503,6 +505,9 @@ def train(
     end_step = total_steps if max_steps is None else min(total_steps, max_steps)
     history = []
     epoch_counts = None
+    if start_step % steps_per_epoch and saved_counts:
+        # Resumed mid-epoch: the epoch's cluster counts so far were saved with the checkpoint.
+        epoch_counts = jnp.asarray(saved_counts, jnp.float32)
     last_logged = timed_from = start_step
     tick = time.time()
     with _StopRequest() as stop:
@@ -518,8 +523,9 @@ def train(
         )
         for step in range(start_step, end_step):
             epoch, offset = divmod(step, steps_per_epoch)
-            if offset == 0 or epoch_counts is None:
+            if offset == 0 or step == start_step:
                 order = epoch_permutation(config.seed, epoch, num_images)
+            if offset == 0 or epoch_counts is None:
                 epoch_counts = jnp.zeros((config.model.class_num,), jnp.float32)
             indices = order[offset * global_batch : (offset + 1) * global_batch][rows]
             images, labels = dataset.batch(indices)
@@ -576,6 +582,9 @@ def train(
                 if (done // steps_per_epoch) % config.train.checkpoint_every_epochs == 0:
                     save_checkpoint(manager, state, meta)
             if stop.requested:
+                meta["epoch_cluster_counts"] = _partial_epoch_counts(
+                    epoch_counts, done, steps_per_epoch
+                )
                 save_checkpoint(manager, state, meta)
                 manager.close()
                 raise TrainingInterrupted(
@@ -586,6 +595,16 @@ def train(
                 # The first step includes compilation; throughput counts from its end.
                 jax.block_until_ready(state)
                 timed_from, tick = done, time.time()
+        meta["epoch_cluster_counts"] = _partial_epoch_counts(
+            epoch_counts, end_step, steps_per_epoch
+        )
         save_checkpoint(manager, state, meta)
     manager.close()
     return state
+
+
+def _partial_epoch_counts(epoch_counts, done: int, steps_per_epoch: int) -> list[int]:
+    """Return the cluster counts of an unfinished epoch for the checkpoint, [] at an epoch end."""
+    if epoch_counts is None or done % steps_per_epoch == 0:
+        return []
+    return [int(c) for c in np.asarray(jax.device_get(epoch_counts))]

@@ -86,6 +86,12 @@ def test_assign_training_data_writes_consistent_hierarchy(trained_workdir):
     assert sum(summary["environments_per_participant"].values()) == len(owner)
     with open(os.path.join(trained_workdir, "assign", "summary.json")) as f:
         assert json.load(f) == summary
+    with np.load(
+        os.path.join(trained_workdir, "assign", "features.npz"), allow_pickle=False
+    ) as saved:
+        assert sorted(saved.files) == ["features", "paths", "probs"]
+        assert sorted(saved["paths"].tolist()) == sorted(r["path"] for r in rows)
+        assert saved["probs"].shape == (len(rows), config.model.class_num)
 
     report = evaluate.evaluate(config, trained_workdir)
     assert report["environments_true"] == 6

@@ -57,6 +57,19 @@ def test_check_workdir_rejects_other_model(tmp_path):
         configuration.check_workdir(config, str(tmp_path))
 
 
+def test_check_workdir_training_rejects_other_prior(tmp_path):
+    config = tiny_config()
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+
+    config.train.num_epochs = 10
+    configuration.check_workdir(config, str(tmp_path), training=True)
+    config.prior.kind = "gem"
+    configuration.check_workdir(config, str(tmp_path))
+    with pytest.raises(configuration.ConfigError, match="prior.kind='dp'"):
+        configuration.check_workdir(config, str(tmp_path), training=True)
+
+
 def test_check_workdir_rejects_file(tmp_path):
     path = tmp_path / "afile"
     path.write_text("")

@@ -153,6 +153,8 @@ def test_prior_schedule_warms_up_then_ramps():
     config.prior.ramp_fraction = 0.0
     assert [float(train.prior_schedule(config, p)[0]) for p in (0.1, 0.2, 0.9)] == [0.0, 1.0, 1.0]
     config.prior.warmup_fraction = 0.0
+    assert train.prior_schedule(config, 0.0) == (1.0, 0.5)
+    config.prior.entropy_scale_end = 1.0
     assert train.prior_schedule(config, 0.0) == (1.0, 2.0)
 
 
@@ -228,6 +230,17 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert logged_steps == [1, 2, 3, 4]
     assert any("occupied_clusters" in r for r in records)
     assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+
+    # The run stopped after step 3, in the middle of epoch 2; the epoch's cluster count must
+    # still cover all of its images.
+    with open(os.path.join(tmp_path / "straight", "metrics.jsonl")) as f:
+        straight_records = [json.loads(line) for line in f]
+
+    def epochs(rows):
+        return [(r["epoch"], r["occupied_clusters"]) for r in rows if "occupied_clusters" in r]
+
+    assert epochs(records) == epochs(straight_records)
+    assert [epoch for epoch, _ in epochs(records)] == [1, 2]
 
 
 def test_batch_larger_than_data_raises(tmp_path):
