@@ -25,6 +25,11 @@ from ihcc import inputs
 from ihcc import train
 
 FLAGS = flags.FLAGS
+
+# Exit status for an invalid flag, configuration or input: the command must change. A run
+# that fails on valid input (no usable image, no checkpoint to assign from) exits 1, and an
+# interrupted training run 130.
+EXIT_INVALID_INPUT = 2
 config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/demo.py.", lock_config=True
 )
@@ -69,7 +74,7 @@ def _has_known_labels(config, workdir: str) -> bool:
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}", EXIT_INVALID_INPUT)
     config = FLAGS.config
     logging.get_absl_handler().addFilter(_QuietLibraryInfo())
     logging.info(
@@ -93,7 +98,7 @@ def main(argv):
         return report.exit_code
 
     if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required for --mode=" + FLAGS.mode)
+        raise app.UsageError("--workdir is required for --mode=" + FLAGS.mode, EXIT_INVALID_INPUT)
     workdir = FLAGS.workdir
     try:
         configuration.check_workdir(config, workdir, training=FLAGS.mode in ("train", "all"))
@@ -107,7 +112,11 @@ def main(argv):
     except train.TrainingInterrupted as e:
         logging.warning("%s", e)
         return 130
-    except (inputs.InputError, configuration.ConfigError, FileNotFoundError) as e:
+    except (inputs.InputError, configuration.ConfigError) as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    except FileNotFoundError as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -120,16 +129,21 @@ def _parse_flags(argv: list[str]) -> list[str]:
         remaining = FLAGS(argv)
         configuration.validate(FLAGS.config)
     except flags.Error as e:
-        sys.exit(f"error: {e}\nPass --helpfull to list the flags.")
+        _exit_invalid(f"error: {e}\nPass --helpfull to list the flags.")
     except (AttributeError, KeyError) as e:
         # ml_collections raises these for an override of a field that the config lacks.
         message = str(e.args[0] if e.args else e)
         # ml_collections puts the repr of the message in the AttributeError.
         message = message.strip("'").replace("\\'", "'").replace("\\n", "\n")
-        sys.exit(f"error: invalid config override: {message}")
+        _exit_invalid(f"error: invalid config override: {message}")
     except (OSError, configuration.ConfigError) as e:
-        sys.exit(f"error: {e}")
+        _exit_invalid(f"error: {e}")
     return remaining
+
+
+def _exit_invalid(message: str) -> None:
+    print(message, file=sys.stderr)
+    sys.exit(EXIT_INVALID_INPUT)
 
 
 def _run():

@@ -60,7 +60,7 @@ def test_missing_root_fails_with_clear_message(tmp_path):
         f"--config.data.root={missing}",
         "--mode=train",
     )
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert str(missing) in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -88,7 +88,7 @@ def test_misspelled_override_fails_without_traceback(tmp_path):
     result = run_main(
         "--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.train.num_epoch=1"
     )
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "num_epochs" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -99,7 +99,7 @@ def test_invalid_choice_fails_before_training(tmp_path):
         f"--workdir={tmp_path / 'run'}",
         "--config.assign.type_feature=pixels",
     )
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "assign.type_feature" in result.stderr
     assert not (tmp_path / "run").exists()
 
