@@ -64,10 +64,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Stick-breaking prior on cluster probabilities, subtracted from the loss as
     # weight * log-prior.
     config.prior = ml_collections.ConfigDict()
-    # "dp": Dirichlet-process mixture: the GEM(alpha) prior with the weights integrated out
-    # (the partition probability of the training set) plus a von Mises-Fisher likelihood of
-    # the instance embeddings; "gem": truncated GEM(alpha) log-density of the mixture
-    # weights; "reference": the published per-image term; "none": no prior.
+    # "dp" is a Dirichlet-process mixture. It scores the partition of the training set under
+    # the GEM(alpha) prior with the weights integrated out, plus a von Mises-Fisher likelihood
+    # of the instance embeddings. "gem" is the truncated GEM(alpha) log-density of the
+    # mixture weights, "reference" the published per-image term, and "none" no prior.
     config.prior.kind = "dp"
     config.prior.alpha = 1.0  # Concentration: smaller values favour fewer clusters.
     config.prior.weight = 1.0  # lambda.

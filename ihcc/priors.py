@@ -308,9 +308,9 @@ def mixture_weights(
 ) -> tuple[jax.Array, jax.Array]:
     """Estimate the mixture weights from the global batch and a moving average.
 
-    `batch_probs` is [N, K] soft assignments (pass both views stacked to use both) and
-    `ema_weights` [K] the moving average from the previous step; `running_mean` describes
-    how they combine and where the gradient flows.
+    `batch_probs` is [N, K] soft assignments (pass both views stacked to use both), and
+    `ema_weights` [K] is the moving average from the previous step. `running_mean`
+    describes how they combine and where the gradient flows.
     """
     return running_mean(batch_probs, ema_weights, momentum, full_gradient=full_gradient)
 

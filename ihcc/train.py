@@ -121,7 +121,7 @@ def compute_loss_terms(
     `num_images` is the size of the training set, which the "dp" prior needs, and
     `progress` the share of training done, in [0, 1], which sets the prior's schedule.
 
-    `cluster_stats` holds the running means that `initial_cluster_stats` starts.
+    `cluster_stats` contains the running means that `initial_cluster_stats` starts.
 
     Returns:
       (loss, (metrics, new_cluster_stats)).
